@@ -1,0 +1,6 @@
+"""hierarchy: hierarchical image classification with pluggable stages."""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__"]

@@ -1,0 +1,57 @@
+"""hierarchy train STAGE: fine-tune the stage's classifier with the shared trainer."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a stage", description="Train a stage on a build-dataset output or a "
+                       "train/ + val/ ImageFolder tree. Writes runs/<stage>/<name>/ with best.safetensors, "
+                       "last.safetensors, train_state.pt, metadata.json, metrics.csv, config.yaml and plots.")
+    p.add_argument("stage", help="stage name (see `hierarchy stages`)")
+    p.add_argument("--config", metavar="FILE", help="stage config YAML (its train: section)")
+    p.add_argument("--data", metavar="DIR", help="dataset dir (default: datasets/<stage>)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--img-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--backbone", help="torchvision or timm model name (default resnet18)")
+    p.add_argument("--pretrained", metavar="imagenet|none|PATH")
+    p.add_argument("--device", help="auto|cpu|cuda|cuda:N|mps")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"))
+    p.add_argument("--workers", help="DataLoader workers (auto or N)")
+    p.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode and resize every image once into a uint8 cache")
+    p.add_argument("--max-steps", type=int, dest="max_steps_per_epoch", help="cap steps per epoch (smoke tests)")
+    p.add_argument("--out", metavar="DIR", help="runs root (default runs/); run dir = OUT/<stage>/<name>")
+    p.add_argument("--name", help="run name (default train, then train2, ...)")
+    p.add_argument("--resume", metavar="RUN_OR_CKPT", help="continue a run from its last complete epoch")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--patience", type=int, help="early stopping: epochs without val-loss improvement")
+    p.set_defaults(func=run)
+
+
+TRAIN_FLAGS = ("epochs", "batch_size", "img_size", "lr", "backbone", "pretrained", "device", "precision",
+               "workers", "cache", "max_steps_per_epoch", "out", "name", "seed", "patience")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from registry import get_stage
+
+    from ..configs import load_stage_config
+
+    cls = get_stage(args.stage)
+    overrides = {k: getattr(args, k) for k in TRAIN_FLAGS}
+    if overrides["workers"] not in (None, "auto"):
+        overrides["workers"] = int(overrides["workers"]) if str(overrides["workers"]).isdigit() else overrides["workers"]
+    config_path = args.config
+    if args.resume and not config_path:
+        run_dir = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent
+        config_path = run_dir / "config.yaml" if (run_dir / "config.yaml").is_file() else None
+    config = load_stage_config(cls, config_path, train=overrides)
+    data = Path(args.data) if args.data else (None if args.resume else Path("datasets") / cls.name)
+    run_dir = cls(config).train(data, resume=Path(args.resume) if args.resume else None)
+    print(run_dir)
+    return 0

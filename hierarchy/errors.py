@@ -1,0 +1,70 @@
+"""Typed errors. Every error names the file, YAML key or stage it is about."""
+from __future__ import annotations
+
+
+class HierarchyError(Exception):
+    """Base class for all errors raised by hierarchy."""
+
+    exit_code = 1
+
+
+class ConfigError(HierarchyError):
+    """A YAML/CLI configuration is invalid. ``errors`` holds every problem found, not just the first."""
+
+    exit_code = 2
+
+    def __init__(self, source: str, errors: list[str]):
+        self.source = source
+        self.errors = list(errors)
+        super().__init__(f"{source}: invalid configuration\n" + "\n".join(f"  {e}" for e in self.errors))
+
+
+class UnknownStageError(HierarchyError, KeyError):
+    """A stage name was looked up that no plugin registered."""
+
+    exit_code = 2
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0])
+
+
+class PluginError(HierarchyError):
+    """A plugin failed to import, raised in a hook or registered an invalid stage."""
+
+
+class ImageError(HierarchyError):
+    """An input image could not be used. ``type`` is a stable machine-readable code:
+    unreadable, undecodable, truncated, too_large, unsupported_format, not_a_file, not_found."""
+
+    def __init__(self, type: str, path: object, message: str):
+        self.type = type
+        self.path = path
+        self.message = message
+        super().__init__(f"{path}: {type}: {message}")
+
+
+class CheckpointError(HierarchyError):
+    """A checkpoint or its metadata is missing, unsafe, corrupt or does not match the stage."""
+
+    def __init__(self, path: object, message: str):
+        self.path = path
+        super().__init__(f"{path}: {message}")
+
+
+class DatasetError(HierarchyError):
+    """A dataset (manifest, ImageFolder tree or source) cannot be used."""
+
+
+class PretrainedWeightsError(CheckpointError):
+    """Pretrained backbone weights (``--pretrained imagenet`` or a local file) could not be obtained.
+    The message names the file looked for and, for downloads, the URL or hub repo."""
+
+    def __init__(self, path: object, message: str, url: str | None = None):
+        self.url = url
+        super().__init__(path, message)
+
+
+class UnknownBackboneError(HierarchyError, ValueError):
+    """A backbone name matches no torchvision or timm model."""
+
+    exit_code = 2

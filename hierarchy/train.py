@@ -1,0 +1,305 @@
+"""The shared trainer every stage uses: fine-tune a timm/torchvision backbone on a manifest or an
+ImageFolder tree, with atomic checkpoints, resume, early stopping and calibration afterwards."""
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .errors import DatasetError, HierarchyError
+from .fsutil import atomic_write_json, atomic_write_text
+from .preset import Preset
+from .train_data import make_loaders
+
+if TYPE_CHECKING:
+    from .stage import Stage
+    from .train_config import TrainConfig
+
+log = logging.getLogger("hierarchy.train")
+STATE_FILE = "train_state.pt"
+MAX_BAD_STEPS = 5  # consecutive non-finite losses before training stops
+
+
+class TrainingDiverged(HierarchyError):
+    """The loss became NaN/Inf repeatedly; the last good checkpoint is kept untouched."""
+
+
+@dataclass
+class RunState:
+    epoch: int = 0  # last completed epoch
+    best_epoch: int = 0
+    best_val_loss: float = math.inf
+    history: list[dict[str, float]] = field(default_factory=list)
+    stale_epochs: int = 0
+
+
+def train_stage(stage: "Stage", data: Path | None, out: Path | None = None, *, resume: Path | None = None,
+                progress: bool = True) -> Path:
+    """Train ``stage`` with ``stage.config.train``; returns the run directory."""
+    from .checkpoint import load_train_state
+    from .predict import select_device, select_precision
+
+    cfg = stage.config.train
+    state, run_dir, model_state, opt_state = RunState(), None, None, None
+    if resume is not None:
+        run_dir, saved = _resume_target(Path(resume))
+        raw = load_train_state(run_dir / STATE_FILE)
+        state, model_state, opt_state = _restore(raw, stage)
+        data = data or Path(raw["data"])
+    if data is None:
+        raise DatasetError("no training data: pass --data DIR (a build-dataset output or a train/ + val/ tree)")
+    run_dir = run_dir or _new_run_dir(Path(out or cfg.out) / stage.name, cfg.name)
+    torch.manual_seed(cfg.seed)
+    device = select_device(cfg.device)
+    precision = select_precision(device, cfg.precision)
+    preset = Preset(size=cfg.img_size)
+    loaders = make_loaders(data, stage.labels, preset, cfg, device)
+    model, arch = _build_model(cfg, len(stage.labels), model_state, device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if opt_state is not None:
+        opt.load_state_dict(opt_state)
+    ctx = _Context(stage, cfg, run_dir, data, device, precision, preset, arch, loaders)
+    if resume is None:
+        ctx.write_config()
+    log.info("run %s: %d train / %d val images, %s on %s (%s)", run_dir, len(loaders.train.dataset),
+             len(loaders.val.dataset), arch["backbone"], device, precision)
+    _fit(ctx, model, opt, state, progress)
+    ctx.finalize(state, model)
+    return run_dir
+
+
+@dataclass
+class _Context:
+    stage: "Stage"
+    cfg: "TrainConfig"
+    run_dir: Path
+    data: Path
+    device: torch.device
+    precision: str
+    preset: Preset
+    arch: dict
+    loaders: Any
+    best_eval: dict | None = None
+
+    def write_config(self) -> None:
+        import yaml
+
+        from .configs import dump_stage_config
+
+        text = yaml.safe_dump(dump_stage_config(self.stage.config, self.stage.name), sort_keys=False)
+        atomic_write_text(self.run_dir / "config.yaml", text)
+
+    def metadata(self, state: RunState, **extra: Any) -> dict[str, Any]:
+        from .data import manifest_sha256
+
+        meta = {
+            "format": "hierarchy.checkpoint", "schema_version": 1, "stage": self.stage.name,
+            "labels": list(self.stage.labels), "arch": self.arch, "preset": self.preset.to_dict(),
+            "input_size": self.preset.size, "temperature": 1.0, "threshold": None, "ood": None,
+            "epochs": state.history, "best": _best(state), "created_by": f"hierarchy {_version()}",
+            "dataset": {"path": str(self.data), "manifest_sha256": manifest_sha256(self.data)},
+            "train": self.cfg.model_dump(mode="json"), "versions": _versions(), "device": str(self.device),
+            "precision": self.precision,
+        }
+        meta.update(extra)
+        return meta
+
+    def save_epoch(self, model: nn.Module, opt: torch.optim.Optimizer, state: RunState, improved: bool) -> None:
+        from .checkpoint import save_train_state, save_weights
+
+        weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        tag = {"stage": self.stage.name, "epoch": str(state.epoch)}
+        if improved:
+            save_weights(self.run_dir / "best.safetensors", weights, tag)
+        save_weights(self.run_dir / "last.safetensors", weights, tag)
+        # the state file is the commit point for resume; it is replaced atomically, after the weights
+        save_train_state(self.run_dir / STATE_FILE, {
+            "stage": self.stage.name, "labels": list(self.stage.labels), "data": str(self.data),
+            "config": self.stage.config.model_dump(mode="json"), "model": weights,
+            "optimizer": opt.state_dict(), "epoch": state.epoch, "best_epoch": state.best_epoch,
+            "best_val_loss": state.best_val_loss, "history": state.history, "stale_epochs": state.stale_epochs})
+        self.write_records(state)
+
+    def write_records(self, state: RunState, **extra: Any) -> None:
+        atomic_write_json(self.run_dir / "metadata.json", self.metadata(state, **extra))
+        buf = io.StringIO()
+        if state.history:
+            w = csv.DictWriter(buf, fieldnames=list(state.history[0]), lineterminator="\n")
+            w.writeheader()
+            w.writerows(state.history)
+        atomic_write_text(self.run_dir / "metrics.csv", buf.getvalue())
+
+    def finalize(self, state: RunState, model: nn.Module) -> None:
+        from .train_report import finalize_run
+
+        finalize_run(self, state, model)
+
+
+def _fit(ctx: _Context, model: nn.Module, opt: torch.optim.Optimizer, state: RunState, progress: bool) -> None:
+    cfg = ctx.cfg
+    for epoch in range(state.epoch + 1, cfg.epochs + 1):
+        torch.manual_seed(cfg.seed * 1000 + epoch)  # resume-safe: randomness depends only on seed and epoch
+        ctx.loaders.set_epoch(epoch)
+        train_loss, train_acc = _train_epoch(ctx, model, opt, epoch, progress)
+        ev = evaluate_model(model, ctx.loaders.val, ctx.device, ctx.precision, len(ctx.stage.labels))
+        row = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": ev["loss"],
+               "val_acc": ev["acc"], **{f"val_recall_{lab}": r for lab, r in zip(ctx.stage.labels, ev["recall"])}}
+        state.epoch = epoch
+        state.history.append(row)
+        improved = ev["loss"] < state.best_val_loss
+        if improved:
+            state.best_epoch, state.best_val_loss, state.stale_epochs = epoch, ev["loss"], 0
+            ctx.best_eval = ev
+        else:
+            state.stale_epochs += 1
+        ctx.save_epoch(model, opt, state, improved)
+        _print_summary(row, ctx.stage.labels, improved)
+        if cfg.patience and state.stale_epochs >= cfg.patience:
+            print(f"early stopping: val loss did not improve for {cfg.patience} epoch(s)", file=sys.stderr)
+            break
+
+
+def _train_epoch(ctx: _Context, model: nn.Module, opt: torch.optim.Optimizer, epoch: int, progress: bool) -> tuple[float, float]:
+    from tqdm import tqdm
+
+    model.train()
+    loss_fn = nn.CrossEntropyLoss()
+    total, correct, loss_sum, bad = 0, 0, 0.0, 0
+    steps = len(ctx.loaders.train) if ctx.cfg.max_steps_per_epoch is None else min(len(ctx.loaders.train), ctx.cfg.max_steps_per_epoch)
+    bar = tqdm(ctx.loaders.train, total=steps, desc=f"epoch {epoch}/{ctx.cfg.epochs}", file=sys.stderr,
+               disable=not progress or None, leave=False)
+    for step, (x, y) in enumerate(bar):
+        if step >= steps:
+            break
+        x, y = _to_device(ctx, x, y)
+        with autocast(ctx.device, ctx.precision):
+            logits = model(x)
+        loss = loss_fn(logits.float(), y)
+        if not torch.isfinite(loss):
+            bad += 1
+            log.warning("epoch %d step %d: non-finite loss (%s); step skipped", epoch, step, loss.item())
+            if bad >= MAX_BAD_STEPS:
+                raise TrainingDiverged(f"{bad} consecutive non-finite losses in epoch {epoch}; stopped. The last "
+                                       f"good checkpoint in {ctx.run_dir} is untouched. Lower --lr or check the data.")
+            opt.zero_grad(set_to_none=True)
+            continue
+        bad = 0
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        n = y.numel()
+        total, loss_sum = total + n, loss_sum + loss.item() * n
+        correct += (logits.argmax(1) == y).sum().item()
+        bar.set_postfix(loss=f"{loss_sum / total:.4f}")
+    bar.close()
+    return (loss_sum / total if total else math.nan), (correct / total if total else math.nan)
+
+
+@torch.inference_mode()
+def evaluate_model(model: nn.Module, loader: Any, device: torch.device, precision: str, n_classes: int) -> dict[str, Any]:
+    """Loss, accuracy, per-class recall, plus raw logits and targets (for calibration and plots)."""
+    from .preset import Preset  # noqa: F401  (normalisation happens in the loader's collate)
+
+    model.eval()
+    logits_all, ys = [], []
+    for x, y in loader:
+        x = x.to(device, non_blocking=True)
+        x = loader.normalize(x).contiguous(memory_format=torch.channels_last)
+        with autocast(device, precision):
+            logits_all.append(model(x).float().cpu())
+        ys.append(y)
+    logits = torch.cat(logits_all) if logits_all else torch.zeros(0, n_classes)
+    y = torch.cat(ys) if ys else torch.zeros(0, dtype=torch.long)
+    loss = nn.functional.cross_entropy(logits, y).item() if len(y) else math.nan
+    pred = logits.argmax(1)
+    recall = [((pred == c) & (y == c)).sum().item() / max(1, (y == c).sum().item()) for c in range(n_classes)]
+    return {"loss": loss, "acc": (pred == y).float().mean().item() if len(y) else math.nan, "recall": recall,
+            "logits": logits.numpy(), "targets": y.numpy()}
+
+
+def autocast(device: torch.device, precision: str) -> Any:
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def _to_device(ctx: _Context, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x.to(ctx.device, non_blocking=True)
+    x = ctx.loaders.train.normalize(x).contiguous(memory_format=torch.channels_last)
+    return x, y.to(ctx.device, non_blocking=True)
+
+
+def _build_model(cfg: "TrainConfig", n: int, state: dict | None, device: torch.device) -> tuple[nn.Module, dict]:
+    from .models import create_model
+
+    model, arch = create_model(cfg.backbone, n, "none" if state is not None else cfg.pretrained)
+    if state is not None:
+        model.load_state_dict(state)
+    return model.to(device).to(memory_format=torch.channels_last), arch
+
+
+def _resume_target(path: Path) -> tuple[Path, Path]:
+    run_dir = path if path.is_dir() else path.parent
+    state = run_dir / STATE_FILE
+    if not state.is_file():
+        raise HierarchyError(f"cannot resume: {state} not found (pass a run directory or its {STATE_FILE})")
+    return run_dir, state
+
+
+def _restore(raw: dict, stage: "Stage") -> tuple[RunState, dict, dict]:
+    if raw.get("stage") != stage.name or list(raw.get("labels", [])) != list(stage.labels):
+        raise HierarchyError(f"cannot resume: the run is for stage {raw.get('stage')!r} with labels "
+                             f"{raw.get('labels')}, not '{stage.name}' {list(stage.labels)}")
+    st = RunState(raw["epoch"], raw["best_epoch"], raw["best_val_loss"], list(raw["history"]), raw.get("stale_epochs", 0))
+    return st, raw["model"], raw["optimizer"]
+
+
+def _new_run_dir(base: Path, name: str) -> Path:
+    """runs/<stage>/<name>, then <name>2, <name>3... (never overwrite an earlier run)."""
+    for i in range(1, 10_000):
+        cand = base / (name if i == 1 else f"{name}{i}")
+        if not cand.exists():
+            cand.mkdir(parents=True)
+            return cand
+    raise HierarchyError(f"too many runs named {name} under {base}")
+
+
+def _best(state: RunState) -> dict[str, Any]:
+    rows = [r for r in state.history if r["epoch"] == state.best_epoch]
+    return rows[0] if rows else {}
+
+
+def _print_summary(row: dict[str, float], labels: tuple[str, ...], improved: bool) -> None:
+    recalls = " ".join(f"{lab}={row[f'val_recall_{lab}']:.3f}" for lab in labels)
+    print(f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f} | "
+          f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f} | recall {recalls}"
+          + (" *best*" if improved else ""), file=sys.stderr)
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _versions() -> dict[str, str]:
+    import platform
+
+    import torchvision
+
+    out = {"hierarchy": _version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+           "python": platform.python_version()}
+    try:
+        import timm
+
+        out["timm"] = timm.__version__
+    except ImportError:
+        pass
+    return out

@@ -1,0 +1,78 @@
+"""After training: temperature scaling on the val split, training plots, and final metadata."""
+from __future__ import annotations
+
+import logging
+import sys
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from .train import RunState, _Context
+
+log = logging.getLogger("hierarchy.train")
+
+
+def best_eval(ctx: "_Context", model: "nn.Module") -> dict[str, Any]:
+    """Validation logits of the best checkpoint (re-computed when a resumed run has none in memory)."""
+    if ctx.best_eval is not None:
+        return ctx.best_eval
+    from .checkpoint import load_weights
+    from .train import evaluate_model
+
+    model.load_state_dict(load_weights(ctx.run_dir / "best.safetensors"))
+    return evaluate_model(model, ctx.loaders.val, ctx.device, ctx.precision, len(ctx.stage.labels))
+
+
+def calibration(logits: np.ndarray, targets: np.ndarray) -> dict[str, Any]:
+    from .metrics import expected_calibration_error, fit_temperature, nll, softmax
+
+    if len(targets) == 0:
+        return {"temperature": 1.0}
+    t = fit_temperature(logits, targets)
+    out: dict[str, Any] = {"temperature": t, "n": int(len(targets))}
+    for name, temp in (("before", 1.0), ("after", t)):
+        p = softmax(logits, temp)
+        out[f"ece_{name}"] = expected_calibration_error(p.max(1), p.argmax(1) == targets, n_bins=15)
+        out[f"nll_{name}"] = nll(logits, targets, temp)
+    return out
+
+
+def finalize_run(ctx: "_Context", state: "RunState", model: "nn.Module") -> None:
+    ev = best_eval(ctx, model)
+    extra: dict[str, Any] = {}
+    if ctx.cfg.calibrate:
+        cal = calibration(ev["logits"], ev["targets"])
+        extra["temperature"] = cal["temperature"]
+        extra["calibration"] = {"method": "temperature", "split": "val", **cal}
+        print(f"calibration: temperature {cal['temperature']:.3f}, ECE {cal.get('ece_before', 0):.4f} -> "
+              f"{cal.get('ece_after', 0):.4f} (val)", file=sys.stderr)
+    extra.update(_fit_ood(ctx, model))
+    ctx.write_records(state, **extra)
+    _plots(ctx, state, ev)
+    print(f"saved {ctx.run_dir} (best epoch {state.best_epoch})", file=sys.stderr)
+
+
+def _fit_ood(ctx: "_Context", model: "nn.Module") -> dict[str, Any]:
+    """Out-of-distribution scorer fitted on the train split (see hierarchy/ood.py); empty when absent."""
+    try:
+        from .ood import fit_for_run
+    except ImportError:
+        return {}
+    return fit_for_run(ctx, model)
+
+
+def _plots(ctx: "_Context", state: "RunState", ev: dict[str, Any]) -> None:
+    try:
+        from .metrics import confusion_matrix
+        from .plots import plot_confusion, plot_training_curves
+    except ImportError as exc:  # matplotlib missing: plots are optional output
+        log.warning("skipping plots: %s", exc)
+        return
+    plot_training_curves(state.history, ctx.run_dir / "curves.png")
+    n = len(ctx.stage.labels)
+    cm = confusion_matrix(ev["targets"], ev["logits"].argmax(1), n) if len(ev["targets"]) else np.zeros((n, n), int)
+    plot_confusion(cm, list(ctx.stage.labels), ctx.run_dir / "confusion_best.png",
+                   title=f"{ctx.stage.name}: val confusion (epoch {state.best_epoch})")

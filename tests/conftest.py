@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture
+def no_autoload(monkeypatch):
+    """A registry with entry-point autoload disabled: only what the test registers exists."""
+    from registry import reset_registry
+
+    monkeypatch.setenv("HIERARCHY_DISABLE_PLUGIN_AUTOLOAD", "1")
+    monkeypatch.delenv("HIERARCHY_PLUGINS", raising=False)
+    reset_registry()
+    yield
+    reset_registry()
+
+
+@pytest.fixture
+def fake_stages(no_autoload):
+    """Registers the colour-based fake stages from tests/fakes.py."""
+    from fakes import CALLS, FakePlugin
+    from registry import register_plugin
+
+    CALLS.clear()
+    register_plugin(FakePlugin(), name="fakes")
+    return CALLS
+
+
+@pytest.fixture
+def real_data() -> Path:
+    if not (SHARED_DATA / "ham10000" / "HAM10000_metadata.csv").is_file():
+        pytest.skip("../shared/data is absent")
+    return SHARED_DATA
+
+
+def pytest_configure(config):
+    os.environ.setdefault("TQDM_DISABLE", "1")
