@@ -34,7 +34,7 @@ class PluginError(HierarchyError):
 
 class ImageError(HierarchyError):
     """An input image could not be used. ``type`` is a stable machine-readable code:
-    unreadable, undecodable, truncated, too_large, unsupported_format, not_a_file, not_found."""
+    unreadable, undecodable, truncated, too_large, unsupported_format, not_a_file, not_found, empty."""
 
     def __init__(self, type: str, path: object, message: str):
         self.type = type

@@ -8,9 +8,22 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import functools
 import tempfile
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator
+
+
+@functools.lru_cache(maxsize=1)
+def _file_mode() -> int:
+    mask = os.umask(0o022)  # read once: os.umask can only be read by setting it
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _publish(tmp: str, path: Path) -> None:
+    os.chmod(tmp, _file_mode())  # mkstemp makes 0600 files; use what a plain open() would have made
+    os.replace(tmp, path)
 
 
 @contextlib.contextmanager
@@ -24,7 +37,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs: Any) -> Iter
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -56,7 +69,7 @@ def atomic_write_with(path: str | os.PathLike, writer: Callable[[str], None]) ->
         writer(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
