@@ -31,7 +31,8 @@ def calibration(logits: np.ndarray, targets: np.ndarray) -> dict[str, Any]:
 
     if len(targets) == 0:
         return {"temperature": 1.0}
-    t = fit_temperature(logits, targets)
+    # a separable val split drives T towards 0 (infinitely sharp); never sharpen below 0.5
+    t = max(0.5, fit_temperature(logits, targets))
     out: dict[str, Any] = {"temperature": t, "n": int(len(targets))}
     for name, temp in (("before", 1.0), ("after", t)):
         p = softmax(logits, temp)
@@ -49,18 +50,36 @@ def finalize_run(ctx: "_Context", state: "RunState", model: "nn.Module") -> None
         extra["calibration"] = {"method": "temperature", "split": "val", **cal}
         print(f"calibration: temperature {cal['temperature']:.3f}, ECE {cal.get('ece_before', 0):.4f} -> "
               f"{cal.get('ece_after', 0):.4f} (val)", file=sys.stderr)
+    extra.update(_tuned_threshold(ctx, ev, extra.get("temperature", 1.0)))
     extra.update(_fit_ood(ctx, model))
     ctx.write_records(state, **extra)
     _plots(ctx, state, ev)
     print(f"saved {ctx.run_dir} (best epoch {state.best_epoch})", file=sys.stderr)
 
 
-def _fit_ood(ctx: "_Context", model: "nn.Module") -> dict[str, Any]:
-    """Out-of-distribution scorer fitted on the train split (see hierarchy/ood.py); empty when absent."""
-    try:
-        from .ood import fit_for_run
-    except ImportError:
+def _tuned_threshold(ctx: "_Context", ev: dict[str, Any], temperature: float) -> dict[str, Any]:
+    """``{"threshold": {...}}`` tuned on val to ``cfg.threshold_target`` (what ``threshold: auto`` reads)."""
+    from .metrics import softmax
+    from .thresholds import tune_threshold
+
+    target = ctx.cfg.threshold_target
+    if target is None or len(ev["targets"]) == 0:
         return {}
+    try:
+        tuned = tune_threshold(softmax(ev["logits"], temperature), ev["targets"], target, list(ctx.stage.labels))
+    except ValueError as exc:  # e.g. target_precision for a label this stage does not have
+        log.warning("threshold not tuned: %s", exc)
+        return {}
+    achieved = ", ".join(f"{k} {v:.3f}" for k, v in tuned["achieved"].items() if k != "n_accepted")
+    print(f"threshold: {tuned['threshold']:.4f} for {target} ({'met' if tuned['met'] else 'NOT met'}; {achieved}; "
+          f"val n={tuned['n']})", file=sys.stderr)
+    return {"threshold": {**tuned, "data": str(ctx.data), "split": "val"}}
+
+
+def _fit_ood(ctx: "_Context", model: "nn.Module") -> dict[str, Any]:
+    """Out-of-distribution scorer fitted on the train split (see hierarchy/ood.py); empty when off."""
+    from .ood import fit_for_run
+
     return fit_for_run(ctx, model)
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from hierarchy import metrics as m
+from hierarchy import thresholds as th
 
 
 # ----------------------------------------------------------------- classification
@@ -278,7 +279,7 @@ def _tt_probs() -> np.ndarray:
     ({"target_coverage": 0.5}, 0.90, "coverage", 0.5),  # highest t still accepting 3 of 6
 ])
 def test_tune_threshold_known_answers(target, threshold, key, value):
-    r = m.tune_threshold(_tt_probs(), TT_Y, target, TT_LABELS)
+    r = th.tune_threshold(_tt_probs(), TT_Y, target, TT_LABELS)
     assert r["met"] is True and "reason" not in r
     assert r["threshold"] == pytest.approx(threshold)
     assert r["achieved"][key] == pytest.approx(value)
@@ -286,14 +287,14 @@ def test_tune_threshold_known_answers(target, threshold, key, value):
 
 
 def test_tune_threshold_unmet_returns_strictest():
-    r = m.tune_threshold([[0.9, 0.1], [0.6, 0.4]], [1, 0], {"max_risk": 0.1}, ["a", "b"])
+    r = th.tune_threshold([[0.9, 0.1], [0.6, 0.4]], [1, 0], {"max_risk": 0.1}, ["a", "b"])
     assert r["met"] is False and r["threshold"] == pytest.approx(0.9)
     assert "best achievable risk is 0.5000" in r["reason"]
 
 
 def test_tune_threshold_does_not_split_ties():
     # two items at .8: one right, one wrong -> risk 0 is unreachable
-    r = m.tune_threshold([[0.8, 0.2], [0.8, 0.2]], [0, 1], {"max_risk": 0.0}, ["a", "b"])
+    r = th.tune_threshold([[0.8, 0.2], [0.8, 0.2]], [0, 1], {"max_risk": 0.0}, ["a", "b"])
     assert r["met"] is False and r["achieved"]["n_accepted"] == 2
 
 
@@ -309,7 +310,7 @@ def test_tune_threshold_does_not_split_ties():
 ])
 def test_tune_threshold_validates_target(target, match):
     with pytest.raises(ValueError, match=match):
-        m.tune_threshold(_tt_probs(), TT_Y, target, TT_LABELS)
+        th.tune_threshold(_tt_probs(), TT_Y, target, TT_LABELS)
 
 
 # ----------------------------------------------------------------- OOD
@@ -317,31 +318,45 @@ def test_tune_threshold_validates_target(target, match):
 
 def test_ood_auroc_hand_computed():
     # out .35 beats .1 .2 .3 (3 of 4); .5 .6 .7 beat all 4: 15/16
-    assert m.ood_auroc([0.1, 0.2, 0.3, 0.4], [0.35, 0.5, 0.6, 0.7]) == pytest.approx(15 / 16)
-    assert m.ood_auroc([0.1], []) is None
+    assert th.ood_auroc([0.1, 0.2, 0.3, 0.4], [0.35, 0.5, 0.6, 0.7]) == pytest.approx(15 / 16)
+    assert th.ood_auroc([0.1], []) is None
 
 
 def test_fpr_at_tpr_hand_computed():
     s_in, s_out = [0.1, 0.2, 0.3, 0.4], [0.35, 0.5, 0.6, 0.7]
-    assert m.fpr_at_tpr(s_in, s_out, tpr=0.75) == 0.0  # t = .5 (3rd highest OOD)
-    assert m.fpr_at_tpr(s_in, s_out, tpr=1.0) == 0.25  # t = .35 -> only .4 flagged
+    assert th.fpr_at_tpr(s_in, s_out, tpr=0.75) == 0.0  # t = .5 (3rd highest OOD)
+    assert th.fpr_at_tpr(s_in, s_out, tpr=1.0) == 0.25  # t = .35 -> only .4 flagged
     # 0.55 * 100 = 55.00000000000001 in floats; 55th highest of 0..99 is 45 -> in >= 45: 2 of 3
-    assert m.fpr_at_tpr([44.5, 45.0, 50.0], np.arange(100), tpr=0.55) == pytest.approx(2 / 3)
-    assert m.fpr_at_tpr([], [1.0]) is None
+    assert th.fpr_at_tpr([44.5, 45.0, 50.0], np.arange(100), tpr=0.55) == pytest.approx(2 / 3)
+    assert th.fpr_at_tpr([], [1.0]) is None
 
 
 def test_threshold_for_tpr_in():
-    assert m.threshold_for_tpr_in([0.4, 0.1, 0.3, 0.2], keep=0.75) == 0.3  # 3rd lowest
+    assert th.threshold_for_tpr_in([0.4, 0.1, 0.3, 0.2], keep=0.75) == 0.3  # 3rd lowest
     s = np.arange(100.0)
-    t = m.threshold_for_tpr_in(s, keep=0.99)
+    t = th.threshold_for_tpr_in(s, keep=0.99)
     assert t == 98.0 and (s <= t).mean() == 0.99
-    assert m.threshold_for_tpr_in(s, keep=0.55) == 54.0  # 0.55 * 100 = 55.00000000000001
+    assert th.threshold_for_tpr_in(s, keep=0.55) == 54.0  # 0.55 * 100 = 55.00000000000001
     with pytest.raises(ValueError, match="keep"):
-        m.threshold_for_tpr_in(s, keep=0.0)
+        th.threshold_for_tpr_in(s, keep=0.0)
+
+
+def test_moved_names_still_importable_from_metrics():
+    from hierarchy.metrics import tune_threshold
+
+    assert tune_threshold is th.tune_threshold and m.fpr_at_tpr is th.fpr_at_tpr
+    with pytest.raises(AttributeError):
+        m.no_such_metric  # noqa: B018
+
+
+def test_threshold_check_target_without_labels():
+    assert th.check_target({"target_precision": 0.9, "label": "anything"}) == "target_precision"
+    with pytest.raises(ValueError, match="needs 'label'"):
+        th.check_target({"target_precision": 0.9})
 
 
 def test_metrics_does_not_import_torch_or_matplotlib():
-    code = ("import sys, hierarchy.metrics; "
+    code = ("import sys, hierarchy.metrics, hierarchy.thresholds; "
             "print(sorted({'torch', 'matplotlib'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -1,0 +1,63 @@
+"""hierarchy calibrate RUN_DIR --data DATA: refit temperature and abstention threshold on labelled data."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("calibrate", help="refit a run's temperature and tune its threshold on labelled data",
+                       description="Predict DATA with the run's model, refit temperature scaling (unless "
+                       "--no-temperature), tune the abstention threshold to a target (the lowest threshold that "
+                       "meets it; the highest for --target-coverage) and update RUN_DIR/metadata.json atomically. "
+                       "A pipeline with `threshold: auto` then uses the stored threshold. Without a target flag, "
+                       "the run's stored target (or train.threshold_target, or max_risk 0.01) is used. "
+                       "See docs/evaluation.md.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="training run directory (or its metadata.json / weights)")
+    p.add_argument("--data", required=True, metavar="DATA", help="labelled data: build-dataset output, "
+                   "ImageFolder tree, train/ val/ tree or CSV path,label")
+    p.add_argument("--split", choices=("train", "val", "test", "all"),
+                   help="which split (default: val when the data has splits, else all)")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--target-precision", type=float, metavar="P", help="precision of --label among accepted")
+    target.add_argument("--target-coverage", type=float, metavar="C", help="share of items accepted")
+    target.add_argument("--max-risk", type=float, metavar="R", help="error rate among accepted items")
+    p.add_argument("--label", metavar="L", help="the label --target-precision is about")
+    p.add_argument("--no-temperature", dest="temperature", action="store_false",
+                   help="keep the stored temperature; only tune the threshold")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.add_argument("--batch-size", type=int, default=32, metavar="N")
+    p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N|mps (default: auto)")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    p.set_defaults(func=run)
+
+
+def target_from_args(args: argparse.Namespace) -> dict | None:
+    """The target the flags ask for (None = use the run's default); raises ConfigError on misuse."""
+    from ..errors import ConfigError
+
+    if args.label is not None and args.target_precision is None:
+        raise ConfigError("command line", ["--label only applies to --target-precision"])
+    if args.target_precision is not None:
+        if args.label is None:
+            raise ConfigError("command line", ["--target-precision needs --label (the label it is about)"])
+        return {"target_precision": args.target_precision, "label": args.label}
+    if args.target_coverage is not None:
+        return {"target_coverage": args.target_coverage}
+    return {"max_risk": args.max_risk} if args.max_risk is not None else None
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from ..calibrate import calibrate_run, render
+
+    if args.batch_size < 1:
+        print("error: --batch-size must be >= 1", file=sys.stderr)
+        return 2
+    summary = calibrate_run(Path(args.run_dir), Path(args.data), split=args.split, target=target_from_args(args),
+                            refit_temperature=args.temperature, device=args.device, precision=args.precision,
+                            batch_size=args.batch_size)
+    print(json.dumps(summary, indent=2) if args.format == "json" else render(summary))
+    return 0

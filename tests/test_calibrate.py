@@ -1,0 +1,138 @@
+"""Temperature scaling and threshold tuning after training, and `hierarchy calibrate`."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from hierarchy.cli import main
+from hierarchy.train_config import TrainConfig
+
+RUN_FIELDS = {"threshold", "target", "achieved", "n", "met", "data", "split"}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Generated data, the real builder, and a model trained for 2 steps (plumbing, not accuracy).
+    fp32 so that re-predicting the val split reproduces the logits calibration saw; OOD fitting off
+    (not under test here, and it triples the training time)."""
+    from hierarchy import synth
+
+    root = tmp_path_factory.mktemp("calib")
+    synth.make_ham10000(root / "ham", n_lesions=16, seed=1)
+    synth.make_coco(root / "coco", n_images=10, seed=1)
+    assert main(["build-dataset", "skin_vs_nonskin", "--ham10000", str(root / "ham"), "--coco", str(root / "coco"),
+                 "--out", str(root / "ds")]) == 0
+    (root / "cfg.yaml").write_text("train: {ood: false, threshold_target: {target_precision: 0.9, label: skin}}\n")
+    assert main(["train", "skin_vs_nonskin", "--config", str(root / "cfg.yaml"), "--data", str(root / "ds"),
+                 "--pretrained", "none", "--img-size", "32", "--epochs", "1", "--max-steps", "2", "--batch-size", "16",
+                 "--precision", "fp32", "--out", str(root / "runs")]) == 0
+    return root, root / "runs" / "skin_vs_nonskin" / "train"
+
+
+def val_predictions(root, run):
+    """(probs at the stored T, raw logits, truth) of the val split, through the shared predictor."""
+    import torch
+
+    from hierarchy.evaluate import select_samples
+    from hierarchy.imageio import load_image
+    from registry import get_stage
+
+    predictor = get_stage("skin_vs_nonskin")().load_predictor(run, device="cpu", precision="fp32")
+    samples, _ = select_samples(root / "ds", "val")
+    batch = torch.stack([predictor.preset.to_uint8(load_image(s.path, draft_size=32)) for s in samples])
+    pred = predictor.predict(batch, return_logits=True)
+    y = np.array([list(predictor.labels).index(s.label) for s in samples])
+    return pred.probs, pred.logits, y, predictor
+
+
+def test_temperature_from_training_keeps_labels_and_does_not_raise_nll(trained):
+    from hierarchy.metrics import nll, softmax
+
+    root, run = trained
+    meta = json.loads((run / "metadata.json").read_text())
+    cal = meta["calibration"]
+    assert cal["nll_after"] <= cal["nll_before"] and cal["temperature"] == meta["temperature"] > 0
+    probs, logits, y, predictor = val_predictions(root, run)
+    t = meta["temperature"]
+    assert predictor.temperature == t
+    assert np.allclose(probs, softmax(logits, t), atol=1e-5)  # the predictor applies the stored T
+    assert (probs.argmax(1) == logits.argmax(1)).all()
+    assert nll(logits, y, t) <= nll(logits, y, 1.0) + 1e-6
+
+
+def test_training_tunes_the_configured_threshold(trained):
+    root, run = trained
+    meta = json.loads((run / "metadata.json").read_text())
+    thr = meta["threshold"]
+    assert RUN_FIELDS <= set(thr) and thr["split"] == "val" and thr["data"] == str(root / "ds")
+    n_val = sum(",val," in line for line in (root / "ds" / "manifest.csv").read_text().splitlines())
+    assert thr["target"] == {"target_precision": 0.9, "label": "skin"} and thr["n"] == n_val
+    assert "precision" in thr["achieved"] and 0.0 < thr["threshold"] <= 1.0
+
+
+def test_calibrate_on_another_set_with_decode_errors(trained, capsys):
+    root, run = trained
+    before = json.loads((run / "metadata.json").read_text())
+    rows = [line for line in (root / "ds" / "manifest.csv").read_text().splitlines()[1:] if ",train," in line]
+    csv = root / "ds" / "calib.csv"  # the train split as an independent "calibration set", plus a broken file
+    csv.write_text("path,label\n" + "".join(f"{r.split(',')[0]},{r.split(',')[1]}\n" for r in rows) + "nope.jpg,skin\n")
+    assert main(["calibrate", str(run), "--data", str(csv), "--max-risk", "0.2", "--format", "json",
+                 "--precision", "fp32"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["n"] == len(rows) and len(summary["decode_errors"]) == 1
+    assert summary["after"]["nll"] <= summary["before"]["nll"] + 1e-6  # T refitted on this very set
+    meta = json.loads((run / "metadata.json").read_text())
+    assert meta["threshold"]["target"] == {"max_risk": 0.2} and meta["threshold"]["split"] == "all"
+    assert meta["threshold"]["threshold"] == summary["after"]["threshold"]
+    assert meta["calibration"]["data"] == str(csv) and meta["temperature"] == summary["after"]["temperature"]
+    assert meta["epochs"] == before["epochs"]  # everything else is kept
+
+
+def test_calibrate_no_temperature_and_default_target(trained, capsys):
+    root, run = trained
+    before = json.loads((run / "metadata.json").read_text())
+    assert main(["calibrate", str(run), "--data", str(root / "ds"), "--no-temperature", "--precision", "fp32"]) == 0
+    out = capsys.readouterr().out
+    assert "temperature kept" in out and "before" in out and "after" in out
+    meta = json.loads((run / "metadata.json").read_text())
+    assert meta["temperature"] == before["temperature"] and meta["calibration"] == before["calibration"]
+    assert meta["threshold"]["target"] == before["threshold"]["target"]  # no flag: the stored target
+    assert meta["threshold"]["split"] == "val"
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--label", "skin"], "--label only applies"),
+    (["--target-precision", "0.9"], "needs --label"),
+    (["--target-precision", "0.9", "--label", "cat"], "needs 'label', one of"),
+    (["--max-risk", "1.5"], r"\[0, 1\]"),
+])
+def test_calibrate_rejects_bad_targets(trained, capsys, flags, message):
+    import re
+
+    root, run = trained
+    assert main(["calibrate", str(run), "--data", str(root / "ds")] + flags) == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_calibrate_target_flags_are_exclusive(trained, capsys):
+    root, run = trained
+    with pytest.raises(SystemExit) as info:
+        main(["calibrate", str(run), "--data", str(root / "ds"), "--max-risk", "0.1", "--target-coverage", "0.9"])
+    assert info.value.code == 2
+
+
+@pytest.mark.parametrize("target", [
+    {"max_risk": 0.1, "target_coverage": 0.5}, {"target_coverage": 0.5, "label": "skin"}, {"target_precision": 0.9},
+    {"max_risk": 2}, {"coverage": 0.5},
+])
+def test_train_config_threshold_target_validation(target):
+    with pytest.raises(ValueError, match="threshold_target"):
+        TrainConfig(threshold_target=target)
+
+
+def test_train_config_threshold_target_default_and_off():
+    assert TrainConfig().threshold_target == {"max_risk": 0.01}
+    assert TrainConfig(threshold_target=None).threshold_target is None
+    assert TrainConfig(threshold_target={"target_coverage": 0.95}).threshold_target == {"target_coverage": 0.95}
