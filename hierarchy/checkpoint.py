@@ -1,7 +1,8 @@
 """Checkpoints: weights (safetensors only), metadata (JSON, pydantic-validated) and resumable
 training state (``torch.load(weights_only=True)``, never an unsafe fallback).
 
-A run directory holds ``best.safetensors`` + ``metadata.json`` (+ ``last.pt`` while training).
+A run directory holds ``best.safetensors`` + ``metadata.json`` (+ ``last.safetensors`` and the resumable
+``train_state.pt`` written by training).
 """
 from __future__ import annotations
 

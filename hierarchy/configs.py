@@ -23,16 +23,17 @@ def load_stage_config(stage_cls: type[Stage], path: str | os.PathLike | None = N
     source = str(path) if path else "command line"
     if path is not None:
         raw, lines = load_yaml(path)
-        if raw is not None and not isinstance(raw, dict):
-            raise ConfigError(source, ["(top level): expected a mapping with dataset: and train: sections"])
+        if not isinstance(raw, dict):  # an empty file (None) too: a config given explicitly must say something
+            got = "the file is empty" if raw is None else f"got a {type(raw).__name__}"
+            raise ConfigError(source, [f"(top level): expected a mapping with dataset: and train: sections ({got})"])
         data = dict(raw or {})
         named = data.pop("stage", stage_cls.name)
         if named != stage_cls.name:
             raise ConfigError(source, [f"stage: this config is for stage '{named}', not '{stage_cls.name}'"])
     for section, overrides in (("train", train), ("dataset", dataset)):
         given = {k: v for k, v in (overrides or {}).items() if v is not None}
-        if given:
-            base = data.get(section) if isinstance(data.get(section), dict) else {}
+        base = data.get(section, {})
+        if given and isinstance(base, dict):  # a section of the wrong type stays, for pydantic to report
             data[section] = {**base, **given}
     try:
         return stage_cls.Config.model_validate(data) if data else stage_cls.Config()

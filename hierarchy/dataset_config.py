@@ -7,14 +7,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 
 class _Source(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: Optional[str] = None  # defaults to the source type; `--source NAME=DIR` overrides `root`
-    max_images: Optional[int] = Field(default=None, ge=1)
+    max_images: Optional[int] = Field(default=None, ge=1, strict=True)
 
     @property
     def key(self) -> str:
@@ -59,10 +59,10 @@ class DatasetConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     sources: list[Source] = Field(default_factory=list)
-    seed: int = 0
+    seed: StrictInt = 0  # strict: YAML `true` or "3" is an error, not 1 or 3
     val_fraction: float = Field(default=0.2, ge=0.0, lt=1.0)
     test_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)
-    max_per_class: Optional[int] = Field(default=None, ge=1)  # cap per label and split (before weighting)
+    max_per_class: Optional[int] = Field(default=None, ge=1, strict=True)  # cap per label and split (before weighting)
     max_ratio: Optional[float] = Field(default=None, ge=1.0)  # cap majority/minority ratio in train
-    verify_images: bool = True  # fully decode every image once; unreadable ones are listed and skipped
+    verify_images: StrictBool = True  # fully decode every image once; unreadable ones are listed and skipped
     materialize: Literal["none", "link", "copy"] = "none"

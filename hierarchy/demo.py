@@ -45,6 +45,7 @@ def say(msg: str) -> None:
 
 
 def generate(data: Path, size: DemoSize) -> tuple[Path, Path, Path]:
+    from .fsutil import atomic_write_with
     from .synth import make_coco, make_ham10000
 
     ham = make_ham10000(data / "HAM10000", n_lesions=size.lesions, seed=0)
@@ -54,7 +55,7 @@ def generate(data: Path, size: DemoSize) -> tuple[Path, Path, Path]:
     make_coco(held / "_coco", sets=("val2017",), n_images=size.holdout, seed=101)
     for i, src in enumerate(sorted((held / "_ham").rglob("*.jpg")) + sorted((held / "_coco").rglob("*.jpg"))):
         kind = "skin" if "_ham" in src.parts else "scene"
-        shutil.copyfile(src, held / f"{i:02d}_{kind}.jpg")
+        atomic_write_with(held / f"{i:02d}_{kind}.jpg", lambda tmp, src=src: shutil.copyfile(src, tmp))
     shutil.rmtree(held / "_ham")
     shutil.rmtree(held / "_coco")
     return ham, coco, held
@@ -65,6 +66,7 @@ def run_demo(out: Path, size: DemoSize = FULL, device: str = "auto") -> int:
 
     from .cli import main as cli_main
     from .configs import load_stage_config
+    from .fsutil import atomic_write_text
 
     start = time.perf_counter()
     out = Path(out)
@@ -82,7 +84,7 @@ def run_demo(out: Path, size: DemoSize = FULL, device: str = "auto") -> int:
     say(f"training ResNet18 from scratch at {size.img_size}px for {size.epochs} epoch(s)")
     run_dir = stage.train(out / "dataset")
     pipeline = out / "pipeline.yaml"
-    pipeline.write_text(PIPELINE.format(weights=run_dir.resolve() / "best.safetensors"))
+    atomic_write_text(pipeline, PIPELINE.format(weights=run_dir.resolve() / "best.safetensors"))
     say(f"running `hierarchy run {pipeline} {held}` on {len(list(held.glob('*.jpg')))} held-back generated images")
     code = cli_main(["run", str(pipeline), str(held), "--device", device])
     say(f"done in {time.perf_counter() - start:.0f}s. Next: `hierarchy run {pipeline} YOUR_IMAGES`, or train on real "

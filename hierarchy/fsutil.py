@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import functools
+import re
 import tempfile
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator
@@ -74,3 +75,26 @@ def atomic_write_with(path: str | os.PathLike, writer: Callable[[str], None]) ->
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+# mkstemp(prefix=".<name>.", suffix=".tmp") names: 8 random characters from this alphabet.
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp$")
+
+
+def temp_target(name: str) -> str | None:
+    """The file a temp file of this module would have replaced (``.best.safetensors.k3j2_x9a.tmp``
+    -> ``best.safetensors``), or None when ``name`` is not such a temp file."""
+    match = _TEMP_NAME.match(name)
+    return match.group("name") if match else None
+
+
+def remove_temp_files(directory: str | os.PathLike) -> list[Path]:
+    """Delete the temp files that a process killed mid-write left in ``directory`` (never a real file:
+    they were not yet renamed into place); return what was removed."""
+    removed = []
+    for entry in os.scandir(directory):
+        if temp_target(entry.name) is not None and entry.is_file(follow_symlinks=False):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+    return removed

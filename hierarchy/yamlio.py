@@ -57,14 +57,57 @@ def _index_lines(node: yaml.Node | None, loc: Loc, out: dict[Loc, int]) -> None:
             _index_lines(v, loc + (i,), out)
 
 
+MAX_NODES = 100_000  # values after alias expansion: a "billion laughs" file is refused, not expanded
+MAX_DEPTH = 64  # nesting levels; real configs use < 10
+
+
+class _Refused(Exception):
+    """The YAML node graph is too big, too deep or recursive to be a configuration."""
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return list(node.value) if isinstance(node, yaml.SequenceNode) else []
+
+
+def _check_shape(root: yaml.Node | None) -> None:
+    """Count the values the document expands to (aliases share nodes, so sizes are memoised per node),
+    iteratively: refuse alias cycles, more than MAX_NODES values and more than MAX_DEPTH levels."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()  # nodes whose subtree is being counted: the current path
+    stack: list[tuple[yaml.Node, int, bool]] = [] if root is None else [(root, 1, False)]
+    while stack:
+        node, depth, counted = stack.pop()
+        key = id(node)
+        if counted:
+            active.discard(key)
+            sizes[key] = 1 + sum(sizes[id(c)] for c in _children(node))
+            if sizes[key] > MAX_NODES:
+                raise _Refused(f"the document expands to more than {MAX_NODES} values (alias bomb?)")
+        elif key in active:
+            raise _Refused("an alias refers to an enclosing anchor (recursive structure)")
+        elif key not in sizes:
+            if depth > MAX_DEPTH:
+                raise _Refused(f"nested deeper than {MAX_DEPTH} levels")
+            active.add(key)
+            stack.append((node, depth, True))
+            stack.extend((child, depth + 1, False) for child in _children(node))
+
+
 def parse_yaml(text: str, source: str = "<string>") -> tuple[Any, dict[Loc, int]]:
     """Parse YAML text strictly; returns (data, {key path: line number})."""
     loader = _StrictLoader(text)
     try:
         node = loader.get_single_node()
+        _check_shape(node)
         data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as exc:
         raise ConfigError(source, [_yaml_problem(exc)]) from None
+    except _Refused as exc:
+        raise ConfigError(source, [f"(top level): {exc}"]) from None
+    except RecursionError:
+        raise ConfigError(source, [f"(top level): nested deeper than {MAX_DEPTH} levels"]) from None
     finally:
         loader.dispose()
     lines: dict[Loc, int] = {}
@@ -132,4 +175,4 @@ def with_line(loc: Loc, msg: str, lines: dict[Loc, int]) -> str:
 def _is_union_tag(part: Any) -> bool:
     # pydantic puts the union member / literal name into loc ("float", "literal['auto']"); not a YAML key
     return isinstance(part, str) and (part.startswith(("literal[", "function-")) or part in {
-        "float", "int", "str", "bool", "constrained-float", "ham10000", "coco", "folder"})
+        "float", "int", "str", "bool", "constrained-float", "constrained-int", "ham10000", "coco", "folder"})
