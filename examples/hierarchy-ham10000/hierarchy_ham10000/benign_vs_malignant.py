@@ -1,0 +1,42 @@
+"""benign_vs_malignant: is a HAM10000 skin lesion malignant?
+
+malignant = mel (melanoma), bcc (basal cell carcinoma), akiec (actinic keratosis / Bowen's
+disease); benign = nv, bkl, df, vasc. The engine's shared builder splits by ``lesion_id``, so no
+lesion has images in two splits; training, prediction and preprocessing are the engine's too.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from pydantic import Field
+
+from hierarchy.dataset_config import DatasetConfig, Ham10000Source
+from hierarchy.stage import Stage, StageConfig
+from registry import hookimpl
+
+HIERARCHY_PLUGIN_API = 1
+
+MALIGNANT_DX = ("akiec", "bcc", "mel")
+BENIGN_DX = ("bkl", "df", "nv", "vasc")
+LABEL_MAP = {**{dx: "malignant" for dx in MALIGNANT_DX}, **{dx: "benign" for dx in BENIGN_DX}}
+
+
+def default_dataset() -> DatasetConfig:
+    """HAM10000, every dx mapped to benign or malignant (grouped split by lesion_id)."""
+    return DatasetConfig(sources=[Ham10000Source(type="ham10000", label_map=dict(LABEL_MAP))])
+
+
+class BenignVsMalignantConfig(StageConfig):
+    dataset: DatasetConfig = Field(default_factory=default_dataset)
+
+
+class BenignVsMalignant(Stage):
+    name = "benign_vs_malignant"
+    labels = ("benign", "malignant")
+    description = "HAM10000 lesion: benign (nv, bkl, df, vasc) or malignant (mel, bcc, akiec)."
+    Config = BenignVsMalignantConfig
+
+
+@hookimpl
+def register_stages(register: Callable[[type[Stage]], None]) -> None:
+    register(BenignVsMalignant)
