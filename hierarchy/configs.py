@@ -30,11 +30,13 @@ def load_stage_config(stage_cls: type[Stage], path: str | os.PathLike | None = N
         named = data.pop("stage", stage_cls.name)
         if named != stage_cls.name:
             raise ConfigError(source, [f"stage: this config is for stage '{named}', not '{stage_cls.name}'"])
+    defaults = stage_cls.Config().model_dump()
     for section, overrides in (("train", train), ("dataset", dataset)):
         given = {k: v for k, v in (overrides or {}).items() if v is not None}
         base = data.get(section, {})
-        if given and isinstance(base, dict):  # a section of the wrong type stays, for pydantic to report
-            data[section] = {**base, **given}
+        if (given or section in data) and isinstance(base, dict):  # a wrong type stays, for pydantic to report
+            # keys not given keep the stage's own defaults (e.g. its dataset sources), not the base class's
+            data[section] = {**defaults.get(section, {}), **base, **given}
     try:
         return stage_cls.Config.model_validate(data) if data else stage_cls.Config()
     except ValidationError as exc:

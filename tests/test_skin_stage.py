@@ -130,3 +130,13 @@ def test_demo_small_runs_end_to_end(tmp_path, capsys):
     rows = [line for line in out.out.splitlines()[1:] if line.strip()]
     assert len(rows) == 6 and all("gate:" in r for r in rows)
     assert (tmp_path / "demo" / "pipeline.yaml").is_file()
+
+
+def test_build_dataset_flags_keep_the_stage_sources(dataset, tmp_path):
+    root = dataset.parent
+    out = tmp_path / "seeded"
+    assert main(["build-dataset", "skin_vs_nonskin", "--ham10000", str(root / "HAM10000"), "--coco", str(root / "coco"),
+                 "--seed", "7", "--materialize", "link", "--out", str(out)]) == 0
+    info = json.loads((out / "dataset.json").read_text())
+    assert info["config"]["seed"] == 7 and set(info["sources"]) == {"ham10000", "coco"}
+    assert (out / "train" / "skin").is_dir()
