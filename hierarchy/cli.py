@@ -14,6 +14,7 @@ from typing import Sequence
 
 from . import __version__
 from .errors import ConfigError, HierarchyError
+from .perf import tune_for_command
 
 COMMANDS = ("run", "validate", "stages", "build_dataset", "train", "evaluate", "calibrate", "demo", "new_stage")
 
@@ -45,6 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     level = logging.WARNING if args.quiet else (logging.DEBUG if args.verbose > 1 else logging.INFO)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    tune_for_command(args.command)  # allocator thresholds, before torch allocates anything
     try:
         return int(args.func(args) or 0)
     except ConfigError as exc:

@@ -1,0 +1,115 @@
+"""`hierarchy run` vs the original-style inference loop, on the same generated 600x450 JPEGs.
+
+    python benchmarks/bench_run.py            # 512 images, 2 interleaved rounds (a few minutes on 2 cores)
+    python benchmarks/bench_run.py --n 2000 --repeats 3 --images DIR
+
+Baseline (the seed's loop): per image PIL open -> Resize((224, 224)) -> ToTensor -> Normalize ->
+fp32 forward, batch 1. Ours: ``hierarchy run`` (its CLI entry point, in this process, so both are
+timed interleaved under the same load). Ceiling: the model alone, best engine (what ``--precision
+auto`` picks: bf16 weights, channels_last, BatchNorm folded) on pre-decoded uint8 batches.
+Agreement: top-1 of ``hierarchy run`` (auto precision) vs ``--precision fp32`` of the same model.
+The model is an untrained ResNet18 written by the benchmark (agreement is against its own fp32).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from _common import interleave, load, make_jpegs, median, table, write_checkpoint, write_pipeline
+
+
+def baseline(paths: list[Path], model) -> tuple[float, list[int]]:
+    import torch
+    from PIL import Image
+    from torchvision import transforms
+
+    tf = transforms.Compose([transforms.Resize((224, 224)), transforms.ToTensor(),
+                             transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+    labels = []
+    t = time.perf_counter()
+    with torch.no_grad():
+        for p in paths:
+            x = tf(Image.open(p).convert("RGB")).unsqueeze(0)
+            labels.append(int(model(x).argmax(1)))
+    return len(paths) / (time.perf_counter() - t), labels
+
+
+def ours(pipe: Path, paths: list[Path], out: Path, precision: str = "auto", batch: int = 32) -> tuple[float, list[str]]:
+    from hierarchy.cli import main
+
+    t = time.perf_counter()
+    code = main(["-q", "run", str(pipe), *map(str, paths), "--format", "jsonl", "-o", str(out),
+                 "--precision", precision, "--batch-size", str(batch)])
+    rate = len(paths) / (time.perf_counter() - t)
+    if code != 0:
+        raise SystemExit(f"hierarchy run exited {code}")
+    return rate, [json.loads(line)["label"] for line in out.read_text().splitlines()]
+
+
+def model_only(run: Path, batches, precision: str) -> float:
+    from hierarchy.predict import load_predictor
+    from stages.skin_vs_nonskin.plugin import SkinVsNonskin
+
+    pred = load_predictor(SkinVsNonskin(), run, device="cpu", precision=precision)
+    pred.predict(batches[0])  # warm-up (oneDNN primitive creation)
+    t = time.perf_counter()
+    for b in batches:
+        pred.predict(b)
+    return sum(len(b) for b in batches) / (time.perf_counter() - t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=512, help="generated images (ignored with --images)")
+    ap.add_argument("--images", type=Path, help="a folder of JPEGs to use instead")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "hierarchy-bench")
+    args = ap.parse_args()
+    import torch
+
+    from hierarchy.decode import decode_uint8
+    from hierarchy.models import create_model
+
+    paths = sorted(args.images.glob("*.jp*g")) if args.images else make_jpegs(args.workdir / "run600", args.n)
+    run = write_checkpoint(args.workdir / "ckpt224")
+    pipe = write_pipeline(args.workdir, run)
+    torch.manual_seed(0)
+    model = create_model("resnet18", 2)[0].eval()  # the same weights as the checkpoint (same seed)
+    batches = [torch.stack([decode_uint8(p, [224])[224] for p in paths[i:i + args.batch_size]])
+               for i in range(0, min(len(paths), 8 * args.batch_size), args.batch_size)]
+    out = args.workdir / "records.jsonl"
+    print(f"{len(paths)} images, {torch.get_num_threads()} torch threads; {load()}", flush=True)
+    labels: dict[str, list] = {}
+
+    def b() -> float:
+        rate, labels["base"] = baseline(paths, model)
+        return rate
+
+    def o() -> float:
+        rate, labels["ours"] = ours(pipe, paths, out, batch=args.batch_size)
+        return rate
+
+    res = interleave({"baseline": b, "ours": o, "model bf16": lambda: model_only(run, batches, "auto"),
+                      "model fp32": lambda: model_only(run, batches, "fp32")}, args.repeats)
+    _, fp32_labels = ours(pipe, paths, out, precision="fp32", batch=args.batch_size)
+    names = ["skin", "non-skin"]
+    agree = sum(a == b for a, b in zip(labels["ours"], fp32_labels)) / len(paths)
+    agree_ref = sum(names[a] == b for a, b in zip(labels["base"], fp32_labels)) / len(paths)
+    base, mine, ceil = median(res["baseline"]), median(res["ours"]), median(res["model bf16"])
+    rows = [["original-style loop (PIL, fp32, batch 1)", f"{base:.1f}", "1.00x", "-"],
+            ["hierarchy run (auto: bf16, channels_last, BN folded)", f"{mine:.1f}", f"{mine / base:.2f}x",
+             f"{mine / ceil:.2f} of ceiling"],
+            ["model only, best engine (bf16), uint8 batches", f"{ceil:.1f}", f"{ceil / base:.2f}x", "ceiling"],
+            ["model only, fp32", f"{median(res['model fp32']):.1f}", f"{median(res['model fp32']) / base:.2f}x", "-"]]
+    print(table(["path", "img/s (median)", "vs baseline", "note"], rows))
+    print(f"top-1 agreement, hierarchy run auto vs fp32: {agree:.4%}; fp32 fast path vs original loop: {agree_ref:.4%}")
+    print("all rounds:", {k: [round(v, 1) for v in vs] for k, vs in res.items()})
+    print(load())
+
+
+if __name__ == "__main__":
+    main()

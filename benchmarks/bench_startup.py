@@ -1,0 +1,45 @@
+"""Cold start: `hierarchy run` on one image vs a bare `python -c "import torch, torchvision"`.
+
+    python benchmarks/bench_startup.py [--repeats 5]
+
+Each command is a fresh process (page cache warm after the first round); rounds are interleaved
+and medians compared. Also shows `hierarchy --help` and `hierarchy validate` (no torch import).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+from _common import hierarchy_cmd, interleave, load, make_jpegs, median, table, timed_subprocess, write_checkpoint, \
+    write_pipeline
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "hierarchy-bench")
+    args = ap.parse_args()
+    img = make_jpegs(args.workdir / "run600", 1)[0]
+    pipe = write_pipeline(args.workdir, write_checkpoint(args.workdir / "ckpt224"))
+    h = hierarchy_cmd()
+    cmds = {
+        "python -c 'import torch, torchvision'": [sys.executable, "-c", "import torch, torchvision"],
+        "python -c 'import torch'": [sys.executable, "-c", "import torch"],
+        "hierarchy run PIPELINE one.jpg": [*h, "-q", "run", str(pipe), str(img), "--format", "jsonl"],
+        "hierarchy --help": [*h, "--help"],
+        "hierarchy validate PIPELINE": [*h, "validate", str(pipe)],
+    }
+    print(load(), flush=True)
+    timed_subprocess(cmds["hierarchy run PIPELINE one.jpg"])  # warm the page cache
+    res = interleave({k: (lambda c=c: timed_subprocess(c)) for k, c in cmds.items()}, args.repeats)
+    bare = median(res["python -c 'import torch, torchvision'"])
+    rows = [[k, f"{median(v):.2f}", f"{median(v) / bare:.2f}x"] for k, v in res.items()]
+    print(table(["command", "seconds (median)", "vs import torch, torchvision"], rows))
+    print("all rounds:", {k: [round(x, 2) for x in v] for k, v in res.items()})
+    print(load())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""`hierarchy train` vs the original-style training loop, same data, resolution and batch size.
+
+    python benchmarks/bench_train.py                      # 128+32 images at 112 px, 2 epochs, 2 rounds
+    python benchmarks/bench_train.py --img-size 224 --n-train 512 --epochs 3
+
+Baseline (the seed's loop): ImageFolder + Resize((S, S)) + RandomHorizontalFlip + ToTensor +
+Normalize, DataLoader(batch 32, shuffle, num_workers=0): every epoch re-decodes the full 600x450
+JPEGs; ResNet18 fp32 (NCHW), Adam 1e-3. Ours: the `hierarchy train` CLI (its entry point, in a child
+process) with ``--cache`` and the defaults (precision auto = bf16 autocast on AMX/AVX512-BF16 CPUs,
+NCHW for bf16 on CPU, threaded loader on <= 2 cores, allocator thresholds); calibration and OOD
+fitting are switched off in its config so only training is compared. Throughput is train images per
+second over the training epochs only (val passes excluded for both). Each variant runs in its own
+process; rounds are interleaved. Round 1 of "ours" builds the cache (its time is shown apart).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _common import REPO, interleave, load, make_jpegs, median, table
+
+
+def baseline_worker(data: Path, size: int, batch: int, epochs: int) -> dict:
+    import torch
+    import torchvision
+    from torchvision import datasets, transforms
+
+    torch.manual_seed(0)
+    norm = transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    tf = transforms.Compose([transforms.Resize((size, size)), transforms.RandomHorizontalFlip(), transforms.ToTensor(), norm])
+    vtf = transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor(), norm])
+    train = torch.utils.data.DataLoader(datasets.ImageFolder(data / "train", tf), batch_size=batch, shuffle=True)
+    val = torch.utils.data.DataLoader(datasets.ImageFolder(data / "val", vtf), batch_size=batch)
+    model = torchvision.models.resnet18(num_classes=2)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    seconds, n, acc = 0.0, 0, 0.0
+    for _ in range(epochs):
+        model.train()
+        t = time.perf_counter()
+        for x, y in train:
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            n += len(y)
+        seconds += time.perf_counter() - t
+        model.eval()
+        with torch.no_grad():
+            acc = sum(int((model(x).argmax(1) == y).sum()) for x, y in val) / len(val.dataset)
+    return {"img_per_s": n / seconds, "val_acc": acc}
+
+
+def ours_worker(data: Path, size: int, batch: int, epochs: int, out: Path) -> dict:
+    sys.path.insert(0, str(REPO))
+    import hierarchy.train as train
+    import hierarchy.train_data as train_data
+    from hierarchy.cli import main
+
+    timing = {"train": 0.0, "n": 0, "cache": 0.0}
+    epoch_fn, caches_fn = train._train_epoch, train_data._caches
+
+    def timed_epoch(ctx, *a, **k):
+        t = time.perf_counter()
+        result = epoch_fn(ctx, *a, **k)
+        timing["train"] += time.perf_counter() - t
+        timing["n"] += len(ctx.loaders.train.dataset)
+        return result
+
+    def timed_caches(*a, **k):
+        t = time.perf_counter()
+        result = caches_fn(*a, **k)
+        timing["cache"] += time.perf_counter() - t
+        return result
+
+    train._train_epoch, train_data._caches = timed_epoch, timed_caches
+    cfg = out / "stage.yaml"
+    cfg.parent.mkdir(parents=True, exist_ok=True)
+    cfg.write_text("train:\n  calibrate: false\n  ood: false\n  threshold_target: null\n")
+    code = main(["-q", "train", "skin_vs_nonskin", "--config", str(cfg), "--data", str(data), "--epochs", str(epochs),
+                 "--batch-size", str(batch), "--img-size", str(size), "--pretrained", "none", "--cache",
+                 "--out", str(out)])
+    if code != 0:
+        raise SystemExit(f"hierarchy train exited {code}")
+    run = sorted((out / "skin_vs_nonskin").iterdir(), key=lambda p: p.stat().st_mtime)[-1]
+    acc = float((run / "metrics.csv").read_text().splitlines()[-1].split(",")[4])
+    return {"img_per_s": timing["n"] / timing["train"], "val_acc": acc, "cache_s": timing["cache"]}
+
+
+def child(kind: str, args: argparse.Namespace, env: dict | None = None) -> dict:
+    cmd = [sys.executable, __file__, "--worker", kind, "--img-size", str(args.img_size), "--batch-size",
+           str(args.batch_size), "--epochs", str(args.epochs), "--workdir", str(args.workdir),
+           "--n-train", str(args.n_train), "--n-val", str(args.n_val)]
+    res = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1", **(env or {})})
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def dataset(args: argparse.Namespace) -> Path:
+    data = args.workdir / f"train600_{args.n_train}_{args.n_val}"
+    for split, n in (("train", args.n_train), ("val", args.n_val)):
+        for label, seed in (("skin", 1), ("non-skin", 0)):
+            folder = data / split / label
+            if not folder.exists():
+                files = make_jpegs(args.workdir / f"pool_{split}_{n}", n)
+                folder.mkdir(parents=True)
+                for f in files[seed::2]:  # odd files are skin pictures, even ones scenes
+                    (folder / f.name).symlink_to(f)
+    return data
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n-train", type=int, default=128)
+    ap.add_argument("--n-val", type=int, default=32)
+    ap.add_argument("--img-size", type=int, default=112)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "hierarchy-bench")
+    ap.add_argument("--worker", choices=("baseline", "ours"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    data = dataset(args)
+    if args.worker:
+        out = args.workdir / "train-runs"
+        res = (baseline_worker(data, args.img_size, args.batch_size, args.epochs) if args.worker == "baseline"
+               else ours_worker(data, args.img_size, args.batch_size, args.epochs, out))
+        print(json.dumps(res))
+        return
+    print(f"{args.n_train} train / {args.n_val} val images at {args.img_size} px, batch {args.batch_size}, "
+          f"{args.epochs} epochs; {load()}", flush=True)
+    res = interleave({"baseline": lambda: child("baseline", args), "ours": lambda: child("ours", args),
+                      "ours, HIERARCHY_MALLOC=off": lambda: child("ours", args, {"HIERARCHY_MALLOC": "off"})},
+                     args.repeats)
+    base = median([r["img_per_s"] for r in res["baseline"]])
+    rows = []
+    for k, rs in res.items():
+        rate = median([r["img_per_s"] for r in rs])
+        rows.append([k, f"{rate:.1f}", f"{rate / base:.2f}x", f"{rs[-1]['val_acc']:.3f}",
+                     f"{rs[0].get('cache_s', 0):.1f}" if "cache_s" in rs[0] else "-"])
+    print(table(["training loop", "train img/s (median)", "vs baseline", "val acc (last round)", "cache build s (round 1)"], rows))
+    print("all rounds:", {k: [round(r["img_per_s"], 1) for r in rs] for k, rs in res.items()})
+    print(load())
+
+
+if __name__ == "__main__":
+    main()
