@@ -140,3 +140,15 @@ def test_build_dataset_flags_keep_the_stage_sources(dataset, tmp_path):
     info = json.loads((out / "dataset.json").read_text())
     assert info["config"]["seed"] == 7 and set(info["sources"]) == {"ham10000", "coco"}
     assert (out / "train" / "skin").is_dir()
+
+
+def test_train_survives_a_last_batch_of_one(tmp_path):
+    from hierarchy.synth import make_image_folder
+
+    for split, n in (("train", 5), ("val", 2)):
+        make_image_folder(tmp_path / "data" / split, ["skin", "non-skin"], n_per_label=n, size=(32, 32))
+    # 10 train images in batches of 3: the last batch holds one image, which BatchNorm cannot train on
+    assert main(["train", "skin_vs_nonskin", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "runs"),
+                 "--pretrained", "none", "--img-size", "32", "--batch-size", "3", "--epochs", "1"]) == 0
+    meta = json.loads((tmp_path / "runs" / "skin_vs_nonskin" / "train" / "metadata.json").read_text())
+    assert meta["precision"] == "fp32"  # CPU training defaults to fp32 (bf16 autocast measured slower)
