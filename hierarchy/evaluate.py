@@ -269,8 +269,9 @@ class Evaluation:
 
 def evaluate(pipe: Pipeline, data: Path, *, split: str | None = None, batch_size: int = 32, device: str = "auto",
              precision: str = "auto", workers: int | None = None, progress: bool = True,
-             router: "Router | None" = None) -> Evaluation:
-    """Run ``pipe`` over labelled ``data`` and compute the full report (nothing is written)."""
+             router: "Router | None" = None, ood: Path | None = None) -> Evaluation:
+    """Run ``pipe`` over labelled ``data`` and compute the full report (nothing is written).
+    ``ood``: a folder of known out-of-distribution images, reported under ``report["ood"]``."""
     from tqdm import tqdm
 
     from .evaluate_metrics import build_report
@@ -291,5 +292,9 @@ def evaluate(pipe: Pipeline, data: Path, *, split: str | None = None, batch_size
             bar.update(len(decoded))
     settings = {"batch_size": batch_size, "device": device, "precision": precision, "n_bins": N_BINS}
     report = build_report(pipe, router, hier, collector, data_info, truth_info, settings)
+    if ood is not None:
+        from .ood_eval import evaluate_ood
+
+        report["ood"] = evaluate_ood(router, collector, Path(ood), batch_size, workers)
     report["seconds"] = round(time.perf_counter() - start, 3)
     return Evaluation(report, collector.items)

@@ -40,6 +40,11 @@ def write_evaluation(ev: "Evaluation", out: Path) -> Path:
     report = ev.report
     report["files"] = {"report": "report.json", "markdown": "report.md", "records": "records.jsonl",
                        "plots": write_plots(report, out)}
+    if report.get("ood"):
+        from .ood_eval import strip_scores, write_ood_plots
+
+        report["files"]["ood_plots"] = write_ood_plots(report, out)
+        strip_scores(report)  # plotted; report.json keeps the summary numbers
     atomic_write_json(out / "report.json", report)
     atomic_write_text(out / "records.jsonl", "".join(json.dumps(_record(it)) + "\n" for it in ev.items))
     atomic_write_text(out / "report.md", render_markdown(report))
@@ -149,6 +154,10 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 def render_markdown(report: dict) -> str:
     parts = [_md_head(report), _md_end_to_end(report)]
     parts += [_md_stage(sid, s, report["files"]["plots"]["stages"][sid]) for sid, s in report["stages"].items()]
+    if report.get("ood"):
+        from .ood_eval import render_ood_markdown
+
+        parts.append(render_ood_markdown(report))
     parts += [_md_truth(report), _md_decode_errors(report)]
     return "\n\n".join(parts) + "\n"
 

@@ -14,6 +14,9 @@ from torch import nn
 from .checkpoint import check_compatible, check_state_dict, load_weights, read_metadata, resolve_checkpoint
 from .errors import HierarchyError
 from .models import features_and_logits, model_from_arch
+from . import resnet as native_resnet
+from .optimize import plan_for, prepare_model
+from .ood import OODScorer, load_scorer
 from .preset import Preset
 from .stage import Prediction
 
@@ -23,7 +26,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _CPU_BF16_FLAGS = {"avx512_bf16", "amx_bf16"}
 
 
@@ -116,6 +118,8 @@ class TorchPredictor:
         device: str | torch.device = "auto",
         precision: str = "auto",
         temperature: float = 1.0,
+        ood_scorer: OODScorer | None = None,
+        copy_model: bool = True,
     ):
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -125,7 +129,9 @@ class TorchPredictor:
         self.device = device if isinstance(device, torch.device) else select_device(device)
         self.precision = select_precision(self.device, precision)
         self.temperature = float(temperature)
-        self.model = model.to(self.device).to(memory_format=torch.channels_last).eval()
+        self.plan = plan_for(self.device, self.precision)
+        self.model = prepare_model(model, self.device, self.plan, copy_model)  # BN folded, channels_last, bf16 on CPU
+        self.ood_scorer = ood_scorer.to(self.device) if ood_scorer is not None else None
 
     def _check_batch(self, batch: torch.Tensor) -> None:
         size = self.preset.size
@@ -138,22 +144,24 @@ class TorchPredictor:
         """(N, 3, S, S) uint8 -> probabilities softmax(logits / temperature), (N, C) float32."""
         self._check_batch(batch)
         with torch.inference_mode():
-            x = self.preset.normalize(batch.to(self.device, non_blocking=True))
-            x = x.contiguous(memory_format=torch.channels_last)
-            dtype = _DTYPES.get(self.precision, torch.float32)
-            with torch.autocast(self.device.type, dtype=dtype, enabled=self.precision != "fp32"):
-                if return_features:
+            plan = self.plan
+            x = self.preset.normalize(batch.to(self.device, non_blocking=True), plan.input_dtype)
+            x = x.contiguous(memory_format=plan.memory_format)
+            with torch.autocast(self.device.type, dtype=plan.autocast_dtype, enabled=plan.autocast_dtype is not None):
+                if return_features or self.ood_scorer is not None:  # OOD reuses this forward pass
                     features, logits = features_and_logits(self.model, x)
                 else:
                     features, logits = None, self.model(x)
-            logits = logits.float()
+            logits, features = logits.float(), (None if features is None else features.float())
             if logits.shape[1] != len(self.labels):
                 raise HierarchyError(f"model outputs {logits.shape[1]} classes but the stage has {len(self.labels)} labels")
             probs = torch.softmax(logits / self.temperature, dim=1)
+            ood = None if self.ood_scorer is None else self.ood_scorer.score(features, logits)
             return Prediction(
                 probs=probs.cpu().numpy().astype(np.float32),
                 logits=logits.cpu().numpy() if return_logits else None,
-                features=features.float().cpu().numpy() if features is not None else None,
+                ood=ood.cpu().numpy().astype(np.float32) if ood is not None else None,
+                features=features.float().cpu().numpy() if return_features else None,
             )
 
 
@@ -166,7 +174,7 @@ def load_predictor(
     weights_path, meta_path = resolve_checkpoint(weights)
     meta = read_metadata(meta_path)
     check_compatible(meta, stage.name, stage.labels, meta_path)
-    model = model_from_arch(meta.arch)
+    model = native_resnet.build(meta.arch) if native_resnet.supports(meta.arch) else model_from_arch(meta.arch)
     state = load_weights(weights_path)
     check_state_dict(model, state, weights_path, meta.arch)
     model.load_state_dict(state, strict=True)
@@ -178,4 +186,6 @@ def load_predictor(
         device=torch_device,
         precision=precision,
         temperature=meta.temperature,
+        ood_scorer=load_scorer(meta.ood, meta_path.parent),
+        copy_model=False,  # built here for this predictor alone
     )

@@ -25,6 +25,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N|mps (default: auto)")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
     p.add_argument("--workers", type=int, default=None, metavar="N", help="decode threads (default: cores)")
+    p.add_argument("--ood", metavar="DIR", help="folder of known out-of-distribution images: report AUROC, FPR at "
+                   "95%% TPR and share rejected per stage, score histograms, risk-coverage with them (docs/ood.md)")
     p.set_defaults(func=run)
 
 
@@ -41,12 +43,16 @@ def run(args: argparse.Namespace) -> int:
         return 2
     pipe = load_pipeline(args.pipeline)
     ev = evaluate(pipe, Path(args.data), split=args.split, batch_size=args.batch_size, device=args.device,
-                  precision=args.precision, workers=args.workers)
+                  precision=args.precision, workers=args.workers, ood=Path(args.ood) if args.ood else None)
     ev.report["pipeline"]["file"] = str(args.pipeline)
     out = write_evaluation(ev, Path(args.out) if args.out else Path("runs") / "evaluate" / safe_name(pipe.name))
     if args.format == "json":
         print(json.dumps({**ev.report, "out": str(out)}, indent=2, default=str))
     else:
         print(summary_table(ev.report, out))
+        if ev.report.get("ood"):
+            from ..ood_eval import ood_summary_line
+
+            print(ood_summary_line(ev.report))
     print(f"wrote {out}", file=sys.stderr)
     return 0
