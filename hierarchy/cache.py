@@ -16,12 +16,10 @@ nothing: the flip is applied to the cached tensor each epoch.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,25 +122,21 @@ def _load(npy: Path, meta: Path, n: int, size: int) -> SplitCache | None:
 
 
 def _build(npy: Path, samples: Sequence["Sample"], size: int, threads: int, progress: bool) -> list[int]:
-    """Decode into a temp ``.npy`` next to ``npy``, fsync, rename; returns the undecodable rows."""
+    """Decode into a memory-mapped ``.npy`` written atomically; returns the undecodable rows."""
     import numpy as np
 
-    npy.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{npy.name}.", suffix=".tmp", dir=npy.parent)
-    os.close(fd)
-    try:
+    from .fsutil import atomic_write_with
+
+    bad: list[int] = []
+
+    def write(tmp: str) -> None:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(samples), 3, size, size))
-        bad = _fill(out, samples, size, threads, progress)
+        bad.extend(_fill(out, samples, size, threads, progress))
         out.flush()
         del out
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, npy)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+
+    atomic_write_with(npy, write)
+    return bad
     return bad
 
 

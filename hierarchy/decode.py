@@ -21,7 +21,6 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any, Sequence
 
-from .errors import ImageError
 
 if TYPE_CHECKING:
     import torch

@@ -245,8 +245,6 @@ def _check_finite(weights: dict[str, torch.Tensor], epoch: int, run_dir: Path) -
 @torch.inference_mode()
 def evaluate_model(model: nn.Module, loader: Any, device: torch.device, precision: str, n_classes: int) -> dict[str, Any]:
     """Loss, accuracy, per-class recall, plus raw logits and targets (for calibration and plots)."""
-    from .preset import Preset  # noqa: F401  (normalisation happens in the loader's collate)
-
     model.eval()
     logits_all, ys = [], []
     for x, y in loader:
