@@ -1,0 +1,25 @@
+"""One module per CLI command, each with ``add_parser(subparsers)``; shared option groups live here."""
+from __future__ import annotations
+
+import argparse
+
+
+def positive_int(text: str) -> int:
+    """argparse type for counts: a usage error (exit 2) unless a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def add_inference_options(p: argparse.ArgumentParser, workers: bool = True) -> None:
+    """--batch-size, --device, --precision (and --workers): the options of every command that predicts."""
+    p.add_argument("--batch-size", type=positive_int, default=32, metavar="N")
+    p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N|mps (default: auto)")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="auto: bf16 on CPUs with AVX512-BF16/AMX and on CUDA, else fp32")
+    if workers:
+        p.add_argument("--workers", type=positive_int, default=None, metavar="N", help="decode threads (default: cores)")

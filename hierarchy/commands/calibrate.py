@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
+
+from . import add_inference_options
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -26,9 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-temperature", dest="temperature", action="store_false",
                    help="keep the stored temperature; only tune the threshold")
     p.add_argument("--format", choices=("table", "json"), default="table")
-    p.add_argument("--batch-size", type=int, default=32, metavar="N")
-    p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N|mps (default: auto)")
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    add_inference_options(p, workers=False)
     p.set_defaults(func=run)
 
 
@@ -53,9 +52,6 @@ def run(args: argparse.Namespace) -> int:
 
     from ..calibrate import calibrate_run, render
 
-    if args.batch_size < 1:
-        print("error: --batch-size must be >= 1", file=sys.stderr)
-        return 2
     summary = calibrate_run(Path(args.run_dir), Path(args.data), split=args.split, target=target_from_args(args),
                             refit_temperature=args.temperature, device=args.device, precision=args.precision,
                             batch_size=args.batch_size)

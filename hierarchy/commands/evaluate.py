@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import add_inference_options
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="measure a pipeline on labelled data (report + plots)",
@@ -21,10 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=("table", "json"), default="table", help="stdout: summary table or report JSON")
     p.add_argument("--split", choices=("train", "val", "test", "all"),
                    help="which split (default: val when the data has splits, else all)")
-    p.add_argument("--batch-size", type=int, default=32, metavar="N")
-    p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N|mps (default: auto)")
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
-    p.add_argument("--workers", type=int, default=None, metavar="N", help="decode threads (default: cores)")
+    add_inference_options(p)
     p.add_argument("--ood", metavar="DIR", help="folder of known out-of-distribution images: report AUROC, FPR at "
                    "95%% TPR and share rejected per stage, score histograms, risk-coverage with them (docs/ood.md)")
     p.set_defaults(func=run)
@@ -38,9 +37,6 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluate_report import safe_name, summary_table, write_evaluation
     from ..pipeline import load_pipeline
 
-    if args.batch_size < 1:
-        print("error: --batch-size must be >= 1", file=sys.stderr)
-        return 2
     pipe = load_pipeline(args.pipeline)
     ev = evaluate(pipe, Path(args.data), split=args.split, batch_size=args.batch_size, device=args.device,
                   precision=args.precision, workers=args.workers, ood=Path(args.ood) if args.ood else None)

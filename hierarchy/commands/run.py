@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import add_inference_options
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="classify images with a pipeline",
@@ -15,18 +17,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, directories or globs")
     p.add_argument("--format", choices=("table", "json", "jsonl", "csv"), default="table")
     p.add_argument("-o", "--output", metavar="FILE", help="write results here (atomically) instead of stdout")
-    p.add_argument("--batch-size", type=int, default=32, metavar="N")
-    p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N|mps (default: auto)")
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                   help="auto: bf16 on CPUs with AVX512-BF16/AMX and on CUDA, else fp32")
-    p.add_argument("--workers", type=int, default=None, metavar="N", help="decode threads (default: cores)")
+    add_inference_options(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.batch_size < 1:
-        print("error: --batch-size must be >= 1", file=sys.stderr)
-        return 2
     from ..inputs import expand_inputs
     from ..output import open_output, write_records
     from ..pipeline import load_pipeline
