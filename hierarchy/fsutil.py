@@ -6,10 +6,11 @@ never a half-written file.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
-import functools
 import re
+import stat
 import tempfile
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator
@@ -27,10 +28,25 @@ def _publish(tmp: str, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _target(path: str | os.PathLike) -> tuple[Path, bool]:
+    """The file to produce (symlinks followed, so the link survives) and whether it may be replaced:
+    a device or fifo (``-o /dev/null``, ``-o /dev/stdout``) is written in place, never replaced."""
+    real = Path(os.path.realpath(path))
+    try:
+        special = not stat.S_ISREG(os.stat(real).st_mode)
+    except FileNotFoundError:
+        special = False
+    return real, not special
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs: Any) -> Iterator[IO]:
     """Open a temp file next to ``path``; on clean exit it atomically replaces ``path``."""
-    path = Path(path)
+    path, replaceable = _target(path)
+    if not replaceable:
+        with open(path, mode, **kwargs) as f:
+            yield f
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -62,7 +78,10 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 def atomic_write_with(path: str | os.PathLike, writer: Callable[[str], None]) -> None:
     """Atomically produce ``path`` with a library writer that only takes a filename
     (``safetensors.torch.save_file``, ``torch.save``, ``matplotlib savefig``)."""
-    path = Path(path)
+    path, replaceable = _target(path)
+    if not replaceable:
+        writer(str(path))
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)

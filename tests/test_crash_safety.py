@@ -13,6 +13,7 @@ import math
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -381,3 +382,25 @@ def test_one_non_finite_step_is_skipped_and_training_goes_on(good_run: Path, tmp
     assert len(skipped) == 1 and "non-finite loss" in skipped[0].getMessage()
     assert committed_epoch(run) == 2
     assert all(torch.isfinite(t).all() for t in load_weights(run / "last.safetensors").values())
+
+
+def test_atomic_writes_never_replace_devices_or_links(tmp_path):
+    """`-o /dev/null` must not turn /dev/null into a regular file (tested on a fifo, never on /dev/null)."""
+    import threading
+
+    from hierarchy.fsutil import atomic_write_text
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got: list[str] = []
+    reader = threading.Thread(target=lambda: got.append(open(fifo).read()))
+    reader.start()
+    atomic_write_text(fifo, "hello")
+    reader.join(10)
+    assert got == ["hello"] and stat.S_ISFIFO(os.stat(fifo).st_mode)
+    target = tmp_path / "real.txt"
+    target.write_text("old")
+    link = tmp_path / "link.txt"
+    link.symlink_to(target)
+    atomic_write_text(link, "new")
+    assert link.is_symlink() and target.read_text() == "new"
