@@ -29,14 +29,14 @@ def _publish(tmp: str, path: Path) -> None:
 
 
 def _target(path: str | os.PathLike) -> tuple[Path, bool]:
-    """The file to produce (symlinks followed, so the link survives) and whether it may be replaced:
-    a device or fifo (``-o /dev/null``, ``-o /dev/stdout``) is written in place, never replaced."""
-    real = Path(os.path.realpath(path))
+    """The path and whether it may be replaced: a device or fifo (``-o /dev/null``, ``-o /dev/stdout``,
+    followed through links) is written in place, never replaced by a regular file."""
+    path = Path(path)
     try:
-        special = not stat.S_ISREG(os.stat(real).st_mode)
-    except FileNotFoundError:
+        special = not stat.S_ISREG(os.stat(path).st_mode)
+    except (FileNotFoundError, NotADirectoryError):
         special = False
-    return real, not special
+    return path, not special
 
 
 @contextlib.contextmanager
