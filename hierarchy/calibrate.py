@@ -33,11 +33,12 @@ class Scored:
 
 
 def _load(path: Path, size: int) -> Any:
+    """(3, size, size) uint8 through the same decoder as ``hierarchy run``, or the typed error."""
+    from .decode import decode_uint8
     from .errors import ImageError
-    from .imageio import load_image
 
     try:
-        return load_image(path, draft_size=size)
+        return decode_uint8(path, [size])[size]
     except ImageError as exc:
         return exc
 
@@ -63,7 +64,7 @@ def predict_samples(predictor: "Predictor", samples: Sequence["Sample"], batch_s
             errors += [{"path": str(s.path), "type": img.type, "message": img.message}
                        for s, img in zip(chunk, images) if isinstance(img, Exception)]
             if good:
-                pred = predictor.predict(torch.stack([preset.to_uint8(img) for _, img in good]), return_logits=True)
+                pred = predictor.predict(torch.stack([x for _, x in good]), return_logits=True)
                 logits.append(np.asarray(pred.logits, dtype=np.float32))
                 ys += [index[s.label] for s, _ in good]
             bar.update(len(chunk))

@@ -357,13 +357,13 @@ def _texture_batches(preset: Any, batch_size: int, n: int = 60) -> list[tuple[to
     """Generated textures (clearly unlike any photo) as uint8 batches, via the real JPEG + loader path."""
     import tempfile
 
-    from .imageio import load_image
+    from .decode import decode_uint8
     from .synth import make_ood
 
     side = max(preset.size, 32)
     with tempfile.TemporaryDirectory(prefix="hierarchy-ood-") as tmp:
         files = sorted(make_ood(Path(tmp), n=n, size=(side, side), seed=12345).glob("*.jpg"))
-        x = torch.stack([preset.to_uint8(load_image(f)) for f in files])
+        x = torch.stack([decode_uint8(f, [preset.size])[preset.size] for f in files])
     return [(x[i:i + batch_size], torch.zeros(len(x[i:i + batch_size]), dtype=torch.long))
             for i in range(0, len(x), batch_size)]
 
