@@ -22,6 +22,18 @@ def no_autoload(monkeypatch):
 
 
 @pytest.fixture
+def real_stages(monkeypatch):
+    """The installed stages (skin_vs_nonskin, ...), loaded through their entry points."""
+    from registry import reset_registry
+
+    monkeypatch.delenv("HIERARCHY_DISABLE_PLUGIN_AUTOLOAD", raising=False)
+    monkeypatch.delenv("HIERARCHY_PLUGINS", raising=False)
+    reset_registry()
+    yield
+    reset_registry()
+
+
+@pytest.fixture
 def fake_stages(no_autoload):
     """Registers the colour-based fake stages from tests/fakes.py."""
     from fakes import CALLS, FakePlugin

@@ -55,17 +55,6 @@ def config(tmp_path: Path, root: Path, materialize: str = "none") -> Path:
     return path
 
 
-@pytest.fixture
-def real_stages(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
-    from registry import reset_registry
-
-    monkeypatch.delenv("HIERARCHY_DISABLE_PLUGIN_AUTOLOAD", raising=False)
-    monkeypatch.delenv("HIERARCHY_PLUGINS", raising=False)
-    reset_registry()
-    yield
-    reset_registry()
-
-
 def tree_state(root: Path, skip: Path) -> dict[bytes, tuple[int, int, int]]:
     """Every entry under ``root`` except ``skip``, by lstat (links are not followed)."""
     out = {}

@@ -155,18 +155,6 @@ def spies(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return calls
 
 
-@pytest.fixture
-def real_stages(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
-    """The installed stages (skin_vs_nonskin), loaded through the entry points."""
-    from registry import reset_registry
-
-    monkeypatch.delenv("HIERARCHY_DISABLE_PLUGIN_AUTOLOAD", raising=False)
-    monkeypatch.delenv("HIERARCHY_PLUGINS", raising=False)
-    reset_registry()
-    yield
-    reset_registry()
-
-
 def write(path: Path, text: str) -> Path:
     path.write_bytes(text.encode("utf-8"))
     return path
