@@ -28,11 +28,40 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", metavar="RUN_OR_CKPT", help="continue a run from its last complete epoch")
     p.add_argument("--seed", type=int)
     p.add_argument("--patience", type=int, help="early stopping: epochs without val-loss improvement")
+    after = p.add_argument_group("after training (docs/evaluation.md, docs/ood.md)")
+    after.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=None,
+                       help="fit temperature scaling on val (default on)")
+    after.add_argument("--threshold-target", type=threshold_target, metavar="KIND=X[,label=L]|none",
+                       help="tune the abstention threshold on val: max_risk=0.01 (default), target_coverage=0.9, "
+                       "target_precision=0.99,label=malignant; none skips tuning")
+    after.add_argument("--ood", action=argparse.BooleanOptionalAction, default=None,
+                       help="fit the out-of-distribution score (default on)")
+    after.add_argument("--ood-method", choices=("knn", "mahalanobis", "energy"))
+    after.add_argument("--ood-keep", type=float, metavar="SHARE", help="OOD threshold keeps this share of val (0.99)")
     p.set_defaults(func=run)
 
 
 TRAIN_FLAGS = ("epochs", "batch_size", "img_size", "lr", "backbone", "pretrained", "device", "precision",
-               "workers", "cache", "max_steps_per_epoch", "out", "name", "seed", "patience")
+               "workers", "cache", "max_steps_per_epoch", "out", "name", "seed", "patience", "calibrate", "ood",
+               "ood_method", "ood_keep")
+_NONE = object()  # --threshold-target none: an explicit null, unlike an absent flag
+
+
+def threshold_target(text: str) -> object:
+    """``max_risk=0.01`` / ``target_precision=0.99,label=mel`` -> dict; ``none`` -> no tuning."""
+    if text.strip().lower() in ("none", "null", "off"):
+        return _NONE
+    target: dict[str, object] = {}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"expected KIND=X[,label=L] or none, got {text!r}")
+        key = key.strip()
+        try:
+            target[key] = value.strip() if key == "label" else float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{key}: expected a number, got {value.strip()!r}") from None
+    return target
 
 
 def run(args: argparse.Namespace) -> int:
@@ -44,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
 
     cls = get_stage(args.stage)
     overrides = {k: getattr(args, k) for k in TRAIN_FLAGS}
+    if args.threshold_target is not None and args.threshold_target is not _NONE:
+        overrides["threshold_target"] = args.threshold_target
     if overrides["workers"] not in (None, "auto"):
         overrides["workers"] = int(overrides["workers"]) if str(overrides["workers"]).isdigit() else overrides["workers"]
     config_path = args.config
@@ -51,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
         run_dir = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent
         config_path = run_dir / "config.yaml" if (run_dir / "config.yaml").is_file() else None
     config = load_stage_config(cls, config_path, train=overrides)
+    if args.threshold_target is _NONE:  # None overrides are "not given" in load_stage_config
+        config = config.model_copy(update={"train": config.train.model_copy(update={"threshold_target": None})})
     data = Path(args.data) if args.data else (None if args.resume else Path("datasets") / cls.name)
     run_dir = cls(config).train(data, resume=Path(args.resume) if args.resume else None)
     print(run_dir)
