@@ -3,11 +3,14 @@
     python benchmarks/bench_startup.py [--repeats 5]
 
 Each command is a fresh process (page cache warm after the first round); rounds are interleaved
-and medians compared. Also shows `hierarchy --help` and `hierarchy validate` (no torch import).
+and medians compared. Also shows `hierarchy run --engine onnx` (the checkpoint is exported first
+with `hierarchy export`; skipped when onnxruntime is not installed), `hierarchy --help` and
+`hierarchy validate` (no torch import).
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import tempfile
 from pathlib import Path
@@ -22,15 +25,19 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "hierarchy-bench")
     args = ap.parse_args()
     img = make_jpegs(args.workdir / "run600", 1)[0]
-    pipe = write_pipeline(args.workdir, write_checkpoint(args.workdir / "ckpt224"))
+    run = write_checkpoint(args.workdir / "ckpt224")
+    pipe = write_pipeline(args.workdir, run)
     h = hierarchy_cmd()
     cmds = {
         "python -c 'import torch, torchvision'": [sys.executable, "-c", "import torch, torchvision"],
         "python -c 'import torch'": [sys.executable, "-c", "import torch"],
         "hierarchy run PIPELINE one.jpg": [*h, "-q", "run", str(pipe), str(img), "--format", "jsonl"],
+        ONNX_ROW: [*h, "-q", "run", str(pipe), str(img), "--format", "jsonl", "--engine", "onnx"],
         "hierarchy --help": [*h, "--help"],
         "hierarchy validate PIPELINE": [*h, "validate", str(pipe)],
     }
+    if not export_for_onnx(run):
+        del cmds[ONNX_ROW]
     print(load(), flush=True)
     timed_subprocess(cmds["hierarchy run PIPELINE one.jpg"])  # warm the page cache
     res = interleave({k: (lambda c=c: timed_subprocess(c)) for k, c in cmds.items()}, args.repeats)
@@ -38,7 +45,24 @@ def main() -> None:
     rows = [[k, f"{median(v):.2f}", f"{median(v) / bare:.2f}x"] for k, v in res.items()]
     print(table(["command", "seconds (median)", "vs import torch, torchvision"], rows))
     print("all rounds:", {k: [round(x, 2) for x in v] for k, v in res.items()})
+    if ONNX_ROW in res:
+        print(f"--engine onnx one-image cold start: {median(res[ONNX_ROW]):.2f} s (target <= 0.5 s)")
     print(load())
+
+
+ONNX_ROW = "hierarchy run --engine onnx PIPELINE one.jpg"
+
+
+def export_for_onnx(run: Path) -> bool:
+    """`hierarchy export` the checkpoint (what the --engine onnx row loads); False without onnxruntime."""
+    if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None:
+        print("onnxruntime/onnx not installed (pip install 'hierarchy[onnx]'): no --engine onnx row", flush=True)
+        return False
+    from hierarchy.export import export_run
+
+    done = export_run(run)
+    print(f"exported {done['onnx']} (max |logit diff| vs torch {done['max_abs_logit_diff']:.2g})", flush=True)
+    return True
 
 
 if __name__ == "__main__":

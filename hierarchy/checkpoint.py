@@ -2,33 +2,45 @@
 training state (``torch.load(weights_only=True)``, never an unsafe fallback).
 
 A run directory holds ``best.safetensors`` + ``metadata.json`` (+ ``last.safetensors`` and the resumable
-``train_state.pt`` written by training).
+``train_state.pt`` written by training). Metadata and run-directory resolution live in the torch-free
+:mod:`hierarchy.metadata` and are re-exported here.
 """
 from __future__ import annotations
 
-import json
 import pickle
 import re
-import struct
 import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import CheckpointError
-from .fsutil import atomic_write_json, atomic_write_with
-from .preset import Preset
+from .fsutil import atomic_write_with
+from .metadata import (
+    FORMAT,
+    MAX_HEADER_BYTES,
+    METADATA_FILE,
+    SCHEMA_VERSION,
+    WEIGHTS_FILE,
+    CheckpointMetadata,
+    check_stage,
+    read_metadata,
+    resolve_checkpoint,
+    update_metadata,
+    write_metadata,
+)
+from .metadata import sniff_safetensors as _sniff
 
 if TYPE_CHECKING:
     from torch import nn
 
-WEIGHTS_FILE = "best.safetensors"
-METADATA_FILE = "metadata.json"
-FORMAT = "hierarchy.checkpoint"
-SCHEMA_VERSION = 1
-MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
+__all__ = [  # the metadata names are re-exported from hierarchy.metadata for existing callers
+    "FORMAT", "MAX_HEADER_BYTES", "METADATA_FILE", "SCHEMA_VERSION", "WEIGHTS_FILE", "CheckpointMetadata",
+    "check_stage", "read_metadata", "resolve_checkpoint", "update_metadata", "write_metadata", "save_weights", "load_weights",
+    "save_train_state", "load_train_state", "describe_load_error", "check_compatible", "check_state_dict",
+]
+
 _PLAIN = (str, int, float, bool, type(None), torch.Tensor)
 
 
@@ -49,23 +61,6 @@ def save_weights(
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     atomic_write_with(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
-
-
-def _sniff(path: Path) -> str | None:
-    """None if ``path`` looks like safetensors, else why it is refused."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(9)
-    if len(head) < 9:
-        return f"not a safetensors file (only {size} bytes)"
-    (n,) = struct.unpack("<Q", head[:8])
-    if n < MAX_HEADER_BYTES and n <= size - 8 and head[8:9] == b"{":
-        return None
-    if head[:1] == b"\x80" and 2 <= head[1] <= 5:
-        return "not a safetensors file: it is a Python pickle (refused: unpickling can run arbitrary code)"
-    if head[:4] == b"PK\x03\x04":
-        return "not a safetensors file: it is a zip archive, probably a torch.save() checkpoint (refused)"
-    return f"not a safetensors file (oversized/invalid header: declared {n} header bytes in a {size}-byte file)"
 
 
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
@@ -139,130 +134,7 @@ def load_train_state(path: str | Path) -> dict[str, Any]:
     return state
 
 
-# ---------------------------------------------------------------- metadata
-
-
-class CheckpointMetadata(BaseModel):
-    """``metadata.json`` next to the weights. Unknown fields are kept (forward compatible)."""
-
-    model_config = ConfigDict(extra="allow")
-
-    format: Literal["hierarchy.checkpoint"] = FORMAT
-    schema_version: int = SCHEMA_VERSION
-    stage: str = Field(min_length=1)
-    labels: list[str] = Field(min_length=1)
-    arch: dict[str, Any]
-    preset: dict[str, Any]
-    temperature: float = Field(default=1.0, gt=0)
-    threshold: dict[str, Any] | None = None
-    ood: dict[str, Any] | None = None
-    epochs: list[dict[str, Any]] = Field(default_factory=list)
-    best: dict[str, Any] = Field(default_factory=dict)
-    dataset: dict[str, Any] = Field(default_factory=dict)
-    versions: dict[str, Any] = Field(default_factory=dict)
-    created_by: str
-
-    @field_validator("schema_version")
-    @classmethod
-    def _known_version(cls, v: int) -> int:
-        if v > SCHEMA_VERSION:
-            raise ValueError(f"schema_version {v} is newer than this hierarchy reads ({SCHEMA_VERSION}); upgrade hierarchy")
-        if v != SCHEMA_VERSION:
-            raise ValueError(f"schema_version {v} is invalid (expected {SCHEMA_VERSION})")
-        return v
-
-    @field_validator("labels")
-    @classmethod
-    def _unique_labels(cls, v: list[str]) -> list[str]:
-        dupes = sorted({x for x in v if v.count(x) > 1})
-        if dupes:
-            raise ValueError(f"duplicate labels {dupes}")
-        return v
-
-    @field_validator("arch")
-    @classmethod
-    def _arch_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
-        missing = [k for k in ("backbone", "library", "num_classes") if k not in v]
-        if missing:
-            raise ValueError(f"missing keys {missing}")
-        if v["library"] not in ("torchvision", "timm"):
-            raise ValueError(f"library must be torchvision or timm, got {v['library']!r}")
-        return v
-
-    @field_validator("preset")
-    @classmethod
-    def _preset_loads(cls, v: dict[str, Any]) -> dict[str, Any]:
-        try:
-            Preset.from_dict(v)
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"not a valid preset ({type(e).__name__}: {e})") from e
-        return v
-
-    @model_validator(mode="after")
-    def _classes_match_labels(self) -> "CheckpointMetadata":
-        if int(self.arch["num_classes"]) != len(self.labels):
-            raise ValueError(f"arch.num_classes {self.arch['num_classes']} != {len(self.labels)} labels")
-        return self
-
-
-def _validation_problems(e: ValidationError) -> list[str]:
-    return [f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in e.errors()]
-
-
-def read_metadata(path: str | Path) -> CheckpointMetadata:
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(path, "metadata file not found")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(path, f"unreadable metadata JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise CheckpointError(path, "metadata must be a JSON object")
-    try:
-        return CheckpointMetadata.model_validate(data)
-    except ValidationError as e:
-        raise CheckpointError(path, "invalid checkpoint metadata:\n" + "\n".join(f"  {p}" for p in _validation_problems(e))) from e
-
-
-def write_metadata(path: str | Path, meta: CheckpointMetadata) -> None:
-    atomic_write_json(path, meta.model_dump(mode="json"))
-
-
-def update_metadata(run_dir: str | Path, **fields: Any) -> CheckpointMetadata:
-    """Read ``metadata.json`` (in ``run_dir``, or ``run_dir`` itself if a file), apply ``fields``,
-    re-validate and atomically rewrite it. Returns the new metadata."""
-    run_dir = Path(run_dir)
-    path = run_dir / METADATA_FILE if run_dir.is_dir() else run_dir
-    data = read_metadata(path).model_dump(mode="json")
-    data.update(fields)
-    try:
-        meta = CheckpointMetadata.model_validate(data)
-    except ValidationError as e:
-        raise CheckpointError(path, "update makes the metadata invalid:\n" + "\n".join(f"  {p}" for p in _validation_problems(e))) from e
-    write_metadata(path, meta)
-    return meta
-
-
-# ---------------------------------------------------------------- resolution and compatibility
-
-
-def resolve_checkpoint(weights: str | Path) -> tuple[Path, Path]:
-    """A run directory -> (dir/best.safetensors, dir/metadata.json); a weights file -> (file,
-    metadata.json beside it); ``metadata.json`` itself -> its run directory."""
-    weights = Path(weights)
-    if weights.is_file() and weights.name == METADATA_FILE:
-        weights = weights.parent
-    if weights.is_dir():
-        pair = (weights / WEIGHTS_FILE, weights / METADATA_FILE)
-    elif weights.is_file():
-        pair = (weights, weights.parent / METADATA_FILE)
-    else:
-        raise CheckpointError(weights, "checkpoint not found (expected a run directory or a .safetensors file)")
-    for p in pair:
-        if not p.is_file():
-            raise CheckpointError(p, f"checkpoint incomplete: {p.name} not found (looked for {pair[0]} and {pair[1]})")
-    return pair
+# ---------------------------------------------------------------- compatibility
 
 
 def check_compatible(
@@ -274,10 +146,7 @@ def check_compatible(
 ) -> None:
     """Stage name and labels (in order) must match; with ``state_dict``, also check that its
     keys and shapes fit the model ``meta.arch`` describes (built without pretrained weights)."""
-    if meta.stage != stage_name or list(meta.labels) != list(labels):
-        hint = " (same labels, different order)" if sorted(meta.labels) == sorted(labels) else ""
-        raise CheckpointError(path, f"checkpoint is for stage '{meta.stage}' with labels {list(meta.labels)}, "
-                              f"pipeline stage '{stage_name}' expects {list(labels)}{hint}")
+    check_stage(meta, stage_name, labels, path)
     if state_dict is not None:
         from .models import model_from_arch
 

@@ -16,7 +16,8 @@ from . import __version__
 from .errors import ConfigError, HierarchyError
 from .perf import tune_for_command
 
-COMMANDS = ("run", "validate", "stages", "build_dataset", "train", "evaluate", "calibrate", "demo", "new_stage")
+COMMANDS = ("run", "validate", "stages", "build_dataset", "train", "evaluate", "calibrate", "export", "demo",
+            "new_stage")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,5 @@
-"""Fast decode of one image file straight to the uint8 (3, S, S) tensors the presets ask for.
+"""Fast decode of one image file straight to the uint8 (3, S, S) arrays the presets ask for
+(numpy from :func:`decode_arrays`, torch views of the same memory from :func:`decode_uint8`).
 
 The reference is ``Preset.reference`` (PIL full decode, ``Resize((S, S))`` bilinear with
 antialiasing). Three paths, all within 1/255 mean absolute difference of it (measured in
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
     from PIL import Image
 
@@ -34,9 +36,11 @@ DRAFT_FACTOR = 4  # a JPEG whose short side is >= 4x the largest size takes the 
 DRAFT_MARGIN = 2  # ... drafted to >= 2x that size, so the final resize still antialiases >= 2x
 
 
-def decode_uint8(path: "str | os.PathLike", sizes: Sequence[int], draft: bool = True) -> "dict[int, torch.Tensor]":
-    """``path`` -> {size: (3, size, size) uint8 tensor} for each requested size (squash resize).
-    ``draft=False`` never decodes a JPEG at reduced scale. Raises a typed :class:`ImageError`."""
+def decode_arrays(path: "str | os.PathLike", sizes: Sequence[int], draft: bool = True) -> "dict[int, np.ndarray]":
+    """``path`` -> {size: (3, size, size) uint8 numpy array} for each requested size (squash resize).
+    ``draft=False`` never decodes a JPEG at reduced scale. Raises a typed :class:`ImageError`.
+    Imports torch only when torchvision's decoder is in use (see :func:`_torch_jpeg_decoder`), so
+    the ONNX engine decodes with PIL and numpy alone."""
     from .imageio import DEFAULT_MAX_BYTES, _read_file
 
     sizes = sorted(set(int(s) for s in sizes))
@@ -47,10 +51,17 @@ def decode_uint8(path: "str | os.PathLike", sizes: Sequence[int], draft: bool = 
         if not draft or min(width, height) < DRAFT_FACTOR * sizes[-1]:
             fast = _decode_jpeg_torch(data, sizes)
             if fast is not None:
-                return fast
+                return {s: t.numpy() for s, t in fast.items()}
         else:
             return _from_pil(path, sizes, draft=DRAFT_MARGIN * sizes[-1])
     return _from_pil(path, sizes, draft=None)
+
+
+def decode_uint8(path: "str | os.PathLike", sizes: Sequence[int], draft: bool = True) -> "dict[int, torch.Tensor]":
+    """:func:`decode_arrays` as torch uint8 tensors (zero-copy views of the same memory)."""
+    import torch
+
+    return {s: torch.from_numpy(a) for s, a in decode_arrays(path, sizes, draft).items()}
 
 
 def resize_uint8(chw: "torch.Tensor", size: int) -> "torch.Tensor":
@@ -71,11 +82,18 @@ def pil_to_uint8(img: "Image.Image", size: int) -> "torch.Tensor":
     return Preset(size=size).to_uint8(img)
 
 
-def _from_pil(path: "str | os.PathLike", sizes: Sequence[int], draft: int | None) -> "dict[int, torch.Tensor]":
+def pil_to_array(img: "Image.Image", size: int) -> "np.ndarray":
+    """RGB PIL image -> (3, size, size) uint8 numpy array (the preset's squash resize)."""
+    from .preset import Preset
+
+    return Preset(size=size).to_array(img)
+
+
+def _from_pil(path: "str | os.PathLike", sizes: Sequence[int], draft: int | None) -> "dict[int, np.ndarray]":
     from .imageio import load_image
 
     img = load_image(path, draft_size=draft)
-    return {s: pil_to_uint8(img, s) for s in sizes}
+    return {s: pil_to_array(img, s) for s in sizes}
 
 
 def _jpeg_header(data: bytes) -> tuple[int, int] | None:
@@ -132,11 +150,11 @@ def enable_torchvision_decoder() -> bool:
 
 
 def _decode_jpeg_torch(data: bytes, sizes: Sequence[int]) -> "dict[int, torch.Tensor] | None":
+    decoder = _torch_jpeg_decoder()
+    if decoder is None:  # torchvision not loaded: PIL decodes, and torch is not imported here
+        return None
     import torch
 
-    decoder = _torch_jpeg_decoder()
-    if decoder is None:
-        return None
     try:
         chw = decoder(torch.frombuffer(bytearray(data), dtype=torch.uint8))
     except RuntimeError as exc:  # corrupt data: PIL decides the error type

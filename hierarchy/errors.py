@@ -51,6 +51,16 @@ class CheckpointError(HierarchyError):
         super().__init__(f"{path}: {message}")
 
 
+class ExportError(CheckpointError):
+    """An exported model (``best.onnx``) is missing, stale (its weights changed since the export), does
+    not match ``metadata.json``, or failed the export-time check against the torch model."""
+
+
+class EngineError(HierarchyError):
+    """An inference engine cannot be used here: its package is not installed, or it cannot serve the
+    requested device. The message says what to install or which option to change."""
+
+
 class DatasetError(HierarchyError):
     """A dataset (manifest, ImageFolder tree or source) cannot be used."""
 

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from .errors import CheckpointError
+from .ood_numpy import DEFAULT_K, METHODS, OOD_FILE  # one definition for the torch and numpy scorers
 
 if TYPE_CHECKING:
     from torch import nn
@@ -35,11 +36,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("hierarchy.ood")
 
-METHODS = ("energy", "mahalanobis", "knn")
 DEFAULT_METHOD = "knn"  # see docs/ood.md for the comparison behind this choice
-OOD_FILE = "ood.safetensors"
 FORMAT = "hierarchy.ood"
-DEFAULT_K = 5
 BANK_SIZE = 2000  # train features kept for knn (class-stratified subsample)
 MAX_FIT_IMAGES = 20000  # train images used to fit (class-stratified subsample beyond this)
 _CHUNK = 4096  # rows scored at once by knn, to bound the (N, M) similarity matrix

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
     from PIL import Image
 
@@ -23,15 +24,31 @@ class Preset:
     std: tuple[float, float, float] = field(default=IMAGENET_STD)
     resize: str = "squash"  # squash to size x size, bilinear with antialiasing (PIL)
 
-    def to_uint8(self, img: "Image.Image") -> "torch.Tensor":
-        """RGB PIL image -> (3, size, size) uint8 tensor."""
+    def to_array(self, img: "Image.Image") -> "np.ndarray":
+        """RGB PIL image -> (3, size, size) uint8 numpy array (a channels-first view of an owned copy)."""
         import numpy as np
-        import torch
         from PIL import Image
 
         if img.size != (self.size, self.size):
             img = img.resize((self.size, self.size), Image.BILINEAR)
-        return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+        return np.asarray(img, dtype=np.uint8).copy().transpose(2, 0, 1)
+
+    def to_uint8(self, img: "Image.Image") -> "torch.Tensor":
+        """RGB PIL image -> (3, size, size) uint8 tensor (shares memory with :meth:`to_array`)."""
+        import torch
+
+        return torch.from_numpy(self.to_array(img))
+
+    def normalize_array(self, batch: "np.ndarray") -> "np.ndarray":
+        """(N, 3, S, S) uint8 -> float32 ImageNet-normalised numpy, the same float32 steps as
+        :meth:`normalize` (divide by 255, subtract the mean, divide by the std)."""
+        import numpy as np
+
+        x = batch.astype(np.float32)
+        x /= np.float32(255.0)
+        x -= np.asarray(self.mean, dtype=np.float32).reshape(1, 3, 1, 1)
+        x /= np.asarray(self.std, dtype=np.float32).reshape(1, 3, 1, 1)
+        return x
 
     def normalize(self, batch: "torch.Tensor", dtype: "torch.dtype | None" = None) -> "torch.Tensor":
         """(N, 3, S, S) uint8 -> float, ImageNet-normalised, on the batch's device."""

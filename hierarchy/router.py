@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
+import numpy as np
+
 from .errors import ConfigError, HierarchyError, ImageError
 from .pipeline import STOP, Pipeline
 
@@ -22,6 +24,9 @@ if TYPE_CHECKING:
     from .stage import Predictor
 
 log = logging.getLogger("hierarchy.router")
+
+ENGINES = ("torch", "onnx")
+DEFAULT_ENGINE = "torch"
 
 
 @dataclass
@@ -35,22 +40,30 @@ class LoadedStage:
 
 @dataclass
 class Decoded:
-    """One input after decoding: the image (or the error) plus uint8 tensors cached per preset."""
+    """One input after decoding: the image (or the error) plus uint8 (3, S, S) arrays cached per
+    preset (numpy; torch tensors given by older callers are accepted too)."""
 
     path: Path
     image: "Image.Image | None" = None
     error: HierarchyError | None = None
     tensors: dict | None = None
 
-    def tensor(self, preset: "Preset") -> Any:
-        """The (3, S, S) uint8 tensor for ``preset``: made at decode time, or now from ``image``."""
+    def array(self, preset: "Preset") -> Any:
+        """The (3, S, S) uint8 numpy array for ``preset``: made at decode time, or now from ``image``."""
         self.tensors = self.tensors or {}
         key = preset_key(preset)
         if key not in self.tensors:
             if self.image is None:
                 raise HierarchyError(f"{self.path}: not decoded for size {preset.size}")
-            self.tensors[key] = preset.to_uint8(self.image)
-        return self.tensors[key]
+            self.tensors[key] = preset.to_array(self.image)
+        value = self.tensors[key]
+        return value if isinstance(value, np.ndarray) else value.numpy()
+
+    def tensor(self, preset: "Preset") -> Any:
+        """The same pixels as a torch uint8 tensor (zero-copy; imports torch)."""
+        import torch
+
+        return torch.from_numpy(self.array(preset))
 
 
 def preset_key(preset: "Preset") -> tuple[int, str]:
@@ -72,12 +85,16 @@ class Router:
         self.order = pipeline.depth_order()
 
     @classmethod
-    def from_pipeline(cls, pipeline: Pipeline, device: str = "auto", precision: str = "auto") -> "Router":
-        """Load every stage's predictor and resolve ``auto`` thresholds from checkpoint metadata."""
+    def from_pipeline(cls, pipeline: Pipeline, device: str = "auto", precision: str = "auto",
+                      engine: str = DEFAULT_ENGINE) -> "Router":
+        """Load every stage's predictor and resolve ``auto`` thresholds from checkpoint metadata.
+        ``engine`` other than ``"torch"`` is passed on to ``Stage.load_predictor(..., engine=...)``."""
         from registry import get_stage
 
         from .stage import Stage
 
+        if engine not in ENGINES:
+            raise ConfigError("command line", [f"--engine: unknown engine {engine!r}; use {' or '.join(ENGINES)}"])
         loaded = {}
         for sid in pipeline.depth_order():
             node = pipeline.stages[sid]
@@ -85,7 +102,7 @@ class Router:
             stage = get_stage(node.stage)()
             if weights is None and type(stage).load_predictor is Stage.load_predictor:
                 raise ConfigError("pipeline", [f"stages.{sid}.weights: field required to run the pipeline"])
-            predictor = stage.load_predictor(weights, device=device, precision=precision)
+            predictor = _load_predictor(sid, stage, weights, device, precision, engine)
             loaded[sid] = LoadedStage(sid, node.stage, predictor, resolve_threshold(sid, node.threshold, predictor),
                                       resolve_ood(node.ood, predictor))
         return cls(pipeline, loaded)
@@ -109,11 +126,9 @@ class Router:
 
     def _run_stage(self, sid: str, chunk: list[int], items: Sequence[Decoded], traces: list[list[dict]],
                    records: list[dict | None], waiting: dict[str, list[int]]) -> None:
-        import torch
-
         st = self.stages[sid]
         try:
-            batch = torch.stack([items[i].tensor(st.predictor.preset) for i in chunk])
+            batch = make_batch([items[i].array(st.predictor.preset) for i in chunk], st.predictor)
             pred = st.predictor.predict(batch)
         except Exception as exc:  # noqa: BLE001 - one failing stage call must not lose the batch
             log.warning("stage %s failed on a batch of %d: %s", sid, len(chunk), exc)
@@ -170,11 +185,11 @@ class Router:
         """Decode ``path`` into the uint8 tensor of every preset in the cascade (run in worker
         threads, off the routing thread). Only (3, S, S) tensors are kept, never the full image,
         so memory per item is small and fixed. ``draft=False`` never uses a reduced JPEG decode."""
-        from .decode import decode_uint8
+        from .decode import decode_arrays
 
         presets = {self.stages[sid].predictor.preset for sid in self.order}
         try:
-            by_size = decode_uint8(path, [p.size for p in presets], draft=draft)
+            by_size = decode_arrays(path, [p.size for p in presets], draft=draft)
         except ImageError as exc:
             return Decoded(path, error=exc)
         return Decoded(path, tensors={preset_key(p): by_size[p.size] for p in presets})
@@ -183,7 +198,8 @@ class Router:
             draft: bool = True) -> Iterator[dict[str, Any]]:
         """Stream records for ``paths``: decode batch k+1 in a thread pool while batch k is routed.
         Memory is bounded by two batches, whatever the number of inputs."""
-        paths = _maybe_fast_jpeg(iter(paths))
+        torch_engine = any(batch_format(st.predictor) == "torch" for st in self.stages.values())
+        paths = _maybe_fast_jpeg(iter(paths), torch_engine)
         chunks = _chunked(paths, batch_size)
         with ThreadPoolExecutor(max_workers=workers or default_workers()) as pool:
             pending: list[Future] | None = self._submit(pool, next(chunks, None), draft)
@@ -199,15 +215,52 @@ class Router:
 LONG_RUN = 512  # inputs from which importing torchvision's JPEG decoder (~1 s) pays for itself
 
 
-def _maybe_fast_jpeg(paths: Iterator[Path]) -> Iterator[Path]:
+def _maybe_fast_jpeg(paths: Iterator[Path], torch_engine: bool = True) -> Iterator[Path]:
     """Look ahead up to LONG_RUN paths; for a long run switch decoding to torchvision's
-    decoder (~1 ms/image cheaper, same output within 0.001/255). Short runs keep PIL and start fast."""
+    decoder (~1 ms/image cheaper, same output within 0.001/255). Short runs keep PIL and start fast;
+    so does every run of a pipeline without a torch predictor (the ONNX engine never imports torch)."""
     head = list(itertools.islice(paths, LONG_RUN))
-    if len(head) == LONG_RUN:
+    if len(head) == LONG_RUN and torch_engine:
         from .decode import enable_torchvision_decoder
 
         enable_torchvision_decoder()
     return itertools.chain(head, paths)
+
+
+def batch_format(predictor: "Predictor") -> str:
+    """``"torch"`` (a uint8 torch tensor, the default for every predictor) or ``"numpy"``: what a
+    predictor's ``batch_format`` attribute asks ``predict`` to be given."""
+    return getattr(predictor, "batch_format", "torch")
+
+
+def make_batch(arrays: Sequence[np.ndarray], predictor: "Predictor") -> Any:
+    """Stack (3, S, S) uint8 arrays into the (N, 3, S, S) batch type ``predictor`` takes."""
+    stacked = np.stack(arrays)
+    if batch_format(predictor) == "numpy":
+        return stacked
+    import torch
+
+    return torch.from_numpy(stacked)
+
+
+def _load_predictor(sid: str, stage: Any, weights: Path | None, device: str, precision: str,
+                    engine: str) -> "Predictor":
+    """``stage.load_predictor``, with ``engine=`` only when it is not the default, so stages whose
+    override predates engines keep working with the torch engine and fail clearly with another."""
+    if engine == DEFAULT_ENGINE:
+        return stage.load_predictor(weights, device=device, precision=precision)
+    if not _accepts_engine(stage.load_predictor):
+        raise ConfigError("pipeline", [f"stages.{sid}: stage '{stage.name}' loads its own predictor "
+                                       f"(its load_predictor has no 'engine' parameter), so it cannot run "
+                                       f"with --engine {engine}; use --engine {DEFAULT_ENGINE}"])
+    return stage.load_predictor(weights, device=device, precision=precision, engine=engine)
+
+
+def _accepts_engine(method: Any) -> bool:
+    import inspect
+
+    params = inspect.signature(method).parameters.values()
+    return any(p.name == "engine" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
 def _chunked(it: Iterable[Path], n: int) -> Iterator[list[Path]]:

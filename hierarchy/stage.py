@@ -40,7 +40,10 @@ class Prediction:
 
 class Predictor(Protocol):
     """Loaded model for one stage. The engine decodes images once and hands it uint8 batches
-    (N, 3, size, size) produced with ``preset``; it returns per-label probabilities."""
+    (N, 3, size, size) produced with ``preset``; it returns per-label probabilities.
+
+    The batch is a torch tensor unless the predictor has ``batch_format = "numpy"`` (then a numpy
+    array; the ONNX engine's predictor does this, so a run needs no torch)."""
 
     labels: Sequence[str]
     preset: "Preset"
@@ -84,8 +87,19 @@ class Stage(ABC):
 
         return train_stage(self, data, out, resume=resume, progress=progress)
 
-    def load_predictor(self, weights: Path, device: str = "auto", precision: str = "auto") -> Predictor:
-        """Load a trained checkpoint (file or run directory) for inference."""
+    def load_predictor(self, weights: Path, device: str = "auto", precision: str = "auto",
+                       engine: str = "torch") -> Predictor:
+        """Load a trained checkpoint (file or run directory) for inference. ``engine="onnx"`` loads
+        the model ``hierarchy export`` wrote beside the weights and runs it with ONNX Runtime, without
+        torch. An override without an ``engine`` parameter keeps working with the torch engine."""
+        if engine == "onnx":
+            from .onnx_predictor import load_onnx_predictor
+
+            return load_onnx_predictor(self, weights, device=device, precision=precision)
+        if engine != "torch":
+            from .errors import ConfigError
+
+            raise ConfigError("command line", [f"--engine: unknown engine {engine!r}; use torch or onnx"])
         from .predict import load_predictor
 
         return load_predictor(self, weights, device=device, precision=precision)

@@ -135,7 +135,7 @@ def test_outputs_keep_input_order_under_random_decode_delays(fake_stages, tmp_pa
     colours = [(250, 10, 10), (10, 250, 10), (10, 10, 250)]
     paths = [solid(tmp_path / f"{i:03d}.png", colours[i % 3]) for i in range(40)]
     paths.insert(7, tmp_path / "missing.png")
-    real = decode.decode_uint8
+    real = decode.decode_arrays
     rng = random.Random(0)
     delays = {p: rng.uniform(0, 0.02) for p in paths}
 
@@ -143,7 +143,7 @@ def test_outputs_keep_input_order_under_random_decode_delays(fake_stages, tmp_pa
         time.sleep(delays[Path(path)])
         return real(path, sizes, draft)
 
-    monkeypatch.setattr(decode, "decode_uint8", slow)
+    monkeypatch.setattr(decode, "decode_arrays", slow)  # what Router.decode calls
     router = Router.from_pipeline(parse_pipeline("name: o\nroot: c\nstages:\n  c:\n    stage: fake_color\n"
                                                  "    routes: {default: stop}\n"))
     recs = list(router.run(iter(paths), batch_size=6, workers=4))

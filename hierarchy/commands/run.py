@@ -18,6 +18,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=("table", "json", "jsonl", "csv"), default="table")
     p.add_argument("-o", "--output", metavar="FILE", help="write results here (atomically) instead of stdout")
     add_inference_options(p)
+    p.add_argument("--engine", choices=("torch", "onnx"), default="torch",
+                   help="torch (default, fastest throughput) or onnx: ONNX Runtime on the models written by "
+                   "`hierarchy export`, without importing torch (fast start; fp32 only)")
     p.set_defaults(func=run)
 
 
@@ -28,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     from ..router import Router
 
     pipe = load_pipeline(args.pipeline)
-    router = Router.from_pipeline(pipe, device=args.device, precision=args.precision)
+    router = Router.from_pipeline(pipe, device=args.device, precision=args.precision, engine=args.engine)
     counts = {"ok": 0, "abstained": 0, "rejected": 0, "error": 0}
     records = _counted(router.run(expand_inputs(args.inputs), args.batch_size, args.workers), counts)
     with open_output(args.output) as out:
@@ -45,6 +48,9 @@ def _counted(records, counts):
 
 
 def _progress(records):
+    if not sys.stderr.isatty():  # tqdm's disable=None hides the bar off a terminal: skip its import too
+        yield from records
+        return
     from tqdm import tqdm
 
     # total is unknown while inputs stream; tqdm still shows count and rate on stderr
