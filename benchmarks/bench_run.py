@@ -7,6 +7,11 @@ Baseline (the seed's loop): per image PIL open -> Resize((224, 224)) -> ToTensor
 fp32 forward, batch 1. Ours: ``hierarchy run`` (its CLI entry point, in this process, so both are
 timed interleaved under the same load). Ceiling: the model alone, best engine (what ``--precision
 auto`` picks: bf16 weights, channels_last, BatchNorm folded) on pre-decoded uint8 batches.
+Steady state: the same run through the library (``Router.run``), timed from its first record to its
+last, so start-up (pipeline, weights, first-batch warm-up) is left out. Decode only: the decode of
+every image in ``hierarchy run``'s thread pool, no model. On shared cores the best a pipelined run can
+do is ``1 / (1/model + 1/decode)`` images per second (every image costs its model time plus its
+decode time of the same CPUs): printed as the limit.
 Agreement: top-1 of ``hierarchy run`` (auto precision) vs ``--precision fp32`` of the same model.
 The model is an untrained ResNet18 written by the benchmark (agreement is against its own fp32).
 """
@@ -61,6 +66,30 @@ def model_only(run: Path, batches, precision: str) -> float:
     return sum(len(b) for b in batches) / (time.perf_counter() - t)
 
 
+def steady_state(pipe: Path, paths: list[Path], batch: int) -> float:
+    from hierarchy.pipeline import load_pipeline
+    from hierarchy.router import Router
+
+    router = Router.from_pipeline(load_pipeline(pipe), device="cpu")
+    records = router.run(paths, batch)
+    next(records)
+    t, n = time.perf_counter(), sum(1 for _ in records)
+    return n / (time.perf_counter() - t)
+
+
+def decode_only(paths: list[Path]) -> float:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from hierarchy.decode import decode_arrays
+    from hierarchy.router import default_workers
+
+    t = time.perf_counter()
+    with ThreadPoolExecutor(default_workers()) as pool:
+        for _ in pool.map(lambda p: decode_arrays(p, [224]), paths):
+            pass
+    return len(paths) / (time.perf_counter() - t)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=512, help="generated images (ignored with --images)")
@@ -94,16 +123,24 @@ def main() -> None:
         return rate
 
     res = interleave({"baseline": b, "ours": o, "model bf16": lambda: model_only(run, batches, "auto"),
+                      "steady": lambda: steady_state(pipe, paths, args.batch_size), "decode": lambda: decode_only(paths),
                       "model fp32": lambda: model_only(run, batches, "fp32")}, args.repeats)
     _, fp32_labels = ours(pipe, paths, out, precision="fp32", batch=args.batch_size)
     names = ["skin", "non-skin"]
     agree = sum(a == b for a, b in zip(labels["ours"], fp32_labels)) / len(paths)
     agree_ref = sum(names[a] == b for a, b in zip(labels["base"], fp32_labels)) / len(paths)
     base, mine, ceil = median(res["baseline"]), median(res["ours"]), median(res["model bf16"])
+    steady, dec = median(res["steady"]), median(res["decode"])
+    limit = 1 / (1 / ceil + 1 / dec)
     rows = [["original-style loop (PIL, fp32, batch 1)", f"{base:.1f}", "1.00x", "-"],
             ["hierarchy run (auto: bf16, channels_last, BN folded)", f"{mine:.1f}", f"{mine / base:.2f}x",
              f"{mine / ceil:.2f} of ceiling"],
+            ["hierarchy run, steady state (after the first record)", f"{steady:.1f}", f"{steady / base:.2f}x",
+             f"{steady / ceil:.2f} of ceiling, {steady / limit:.2f} of limit"],
             ["model only, best engine (bf16), uint8 batches", f"{ceil:.1f}", f"{ceil / base:.2f}x", "ceiling"],
+            ["decode only (thread pool, no model)", f"{dec:.1f}", "-", "-"],
+            ["limit on shared cores: 1/(1/model + 1/decode)", f"{limit:.1f}", f"{limit / base:.2f}x",
+             f"{limit / ceil:.2f} of ceiling"],
             ["model only, fp32", f"{median(res['model fp32']):.1f}", f"{median(res['model fp32']) / base:.2f}x", "-"]]
     print(table(["path", "img/s (median)", "vs baseline", "note"], rows))
     print(f"top-1 agreement, hierarchy run auto vs fp32: {agree:.4%}; fp32 fast path vs original loop: {agree_ref:.4%}")

@@ -20,6 +20,7 @@ import io
 import logging
 import os
 import sys
+import threading
 from typing import TYPE_CHECKING, Any, Sequence
 
 
@@ -126,9 +127,10 @@ def _orientation(im: "Image.Image") -> int:
 def _torch_jpeg_decoder() -> Any:
     """torchvision's libjpeg-turbo decoder when torchvision is already imported (or after
     :func:`enable_torchvision_decoder`), else None and PIL decodes: importing torchvision only for
-    this would cost ``hierarchy run`` ~1 s of start-up for ~1 ms per image. None too where
-    torchvision no longer has it (deprecated in 0.29 in favour of TorchCodec)."""
-    if "torchvision" not in sys.modules:
+    this would cost ``hierarchy run`` ~1 s of start-up for ~1 ms per image. None too while a
+    background import is still running, and where torchvision no longer has it (deprecated in 0.29
+    in favour of TorchCodec)."""
+    if "torchvision" not in sys.modules or _importing.is_set():
         return None
     return _load_torchvision_decoder()
 
@@ -142,11 +144,32 @@ def _load_torchvision_decoder() -> Any:
     return functools.partial(decode_jpeg, mode=ImageReadMode.RGB)
 
 
-def enable_torchvision_decoder() -> bool:
-    """Import torchvision's JPEG decoder now (worth it for long runs); True when available."""
-    import torchvision  # noqa: F401
+_importing = threading.Event()  # set while enable_torchvision_decoder(background=True) imports
 
-    return _load_torchvision_decoder() is not None
+
+def enable_torchvision_decoder(background: bool = False) -> "bool | threading.Thread":
+    """Import torchvision's JPEG decoder (worth it for long runs). Returns True when available; with
+    ``background`` returns the importing thread at once: images decode with PIL (same pixels within
+    0.001/255) until the import is done, so its ~1 s is no longer spent before the first batch."""
+    if not background:
+        import torchvision  # noqa: F401
+
+        return _load_torchvision_decoder() is not None
+    _importing.set()
+    thread = threading.Thread(target=_import_in_background, name="hierarchy-torchvision-import", daemon=True)
+    thread.start()
+    return thread
+
+
+def _import_in_background() -> None:
+    try:
+        import torchvision  # noqa: F401
+
+        _load_torchvision_decoder()
+    except Exception as exc:  # noqa: BLE001 - any failure here only means PIL keeps decoding
+        log.debug("torchvision import failed (%s); PIL keeps decoding", exc)
+    finally:
+        _importing.clear()
 
 
 def _decode_jpeg_torch(data: bytes, sizes: Sequence[int]) -> "dict[int, torch.Tensor] | None":

@@ -199,32 +199,38 @@ class Router:
         """Stream records for ``paths``: decode batch k+1 in a thread pool while batch k is routed.
         Memory is bounded by two batches, whatever the number of inputs."""
         torch_engine = any(batch_format(st.predictor) == "torch" for st in self.stages.values())
-        paths = _maybe_fast_jpeg(iter(paths), torch_engine)
+        paths, importing = _maybe_fast_jpeg(iter(paths), torch_engine)
         chunks = _chunked(paths, batch_size)
-        with ThreadPoolExecutor(max_workers=workers or default_workers()) as pool:
-            pending: list[Future] | None = self._submit(pool, next(chunks, None), draft)
-            while pending is not None:
-                items = [f.result() for f in pending]
-                pending = self._submit(pool, next(chunks, None), draft)
-                yield from self.route(items, batch_size)
+        try:
+            with ThreadPoolExecutor(max_workers=workers or default_workers()) as pool:
+                pending: list[Future] | None = self._submit(pool, next(chunks, None), draft)
+                while pending is not None:
+                    items = [f.result() for f in pending]
+                    pending = self._submit(pool, next(chunks, None), draft)
+                    yield from self.route(items, batch_size)
+        finally:
+            if importing is not None:  # never leave an import running into interpreter shutdown
+                importing.join()
 
     def _submit(self, pool: ThreadPoolExecutor, chunk: list[Path] | None, draft: bool) -> list[Future] | None:
         return None if chunk is None else [pool.submit(self.decode, p, draft) for p in chunk]
 
 
-LONG_RUN = 512  # inputs from which importing torchvision's JPEG decoder (~1 s) pays for itself
+LONG_RUN = 512  # inputs from which importing torchvision's JPEG decoder (~1 s of CPU) pays for itself
 
 
-def _maybe_fast_jpeg(paths: Iterator[Path], torch_engine: bool = True) -> Iterator[Path]:
-    """Look ahead up to LONG_RUN paths; for a long run switch decoding to torchvision's
-    decoder (~1 ms/image cheaper, same output within 0.001/255). Short runs keep PIL and start fast;
-    so does every run of a pipeline without a torch predictor (the ONNX engine never imports torch)."""
+def _maybe_fast_jpeg(paths: Iterator[Path], torch_engine: bool = True) -> tuple[Iterator[Path], Any]:
+    """Look ahead up to LONG_RUN paths; for a long run import torchvision's JPEG decoder in a
+    background thread (~1 ms/image cheaper, same output within 0.001/255) while PIL decodes the
+    first batches. Short runs keep PIL and start fast; so does every run of a pipeline without a
+    torch predictor (the ONNX engine never imports torch). Returns the paths and the thread (or None)."""
     head = list(itertools.islice(paths, LONG_RUN))
+    thread = None
     if len(head) == LONG_RUN and torch_engine:
         from .decode import enable_torchvision_decoder
 
-        enable_torchvision_decoder()
-    return itertools.chain(head, paths)
+        thread = enable_torchvision_decoder(background=True)
+    return itertools.chain(head, paths), thread
 
 
 def batch_format(predictor: "Predictor") -> str:

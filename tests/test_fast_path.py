@@ -257,3 +257,33 @@ def test_cli_exit_codes_and_pipes_with_the_allocator_setup(tmp_path: Path, model
     assert piped.returncode == 0 and len(piped.stdout.splitlines()) == 1
     usage = subprocess.run([sys.executable, "-m", "hierarchy", "run"], capture_output=True, text=True, env=env)
     assert usage.returncode == 2
+
+
+def test_background_torchvision_import_leaves_decoding_to_pil_until_it_is_done(monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    release = threading.Event()
+
+    def slow_import() -> None:  # stands in for the ~1 s `import torchvision`
+        release.wait(10)
+        decode._importing.clear()
+
+    monkeypatch.setattr(decode, "_import_in_background", slow_import)
+    thread = decode.enable_torchvision_decoder(background=True)
+    assert decode._torch_jpeg_decoder() is None  # importing: PIL decodes meanwhile
+    release.set()
+    thread.join(10)
+    assert not thread.is_alive() and decode._torch_jpeg_decoder() is not None
+
+
+def test_only_long_torch_runs_import_torchvision(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hierarchy import router
+
+    started = []
+    monkeypatch.setattr(decode, "enable_torchvision_decoder", lambda background=False: started.append(background) or "t")
+    paths = [Path(f"{i}.jpg") for i in range(router.LONG_RUN)]
+    for n, torch_engine, thread in ((router.LONG_RUN - 1, True, None), (router.LONG_RUN, False, None),
+                                    (router.LONG_RUN, True, "t")):
+        kept, got = router._maybe_fast_jpeg(iter(paths[:n]), torch_engine)
+        assert list(kept) == paths[:n] and got == thread
+    assert started == [True]
