@@ -1,6 +1,6 @@
 """`hierarchy train` vs the original-style training loop, same data, resolution and batch size.
 
-    python benchmarks/bench_train.py                      # 192+64 images at 224 px, 2 epochs, 2 rounds
+    python benchmarks/bench_train.py                      # 320+64 images at 224 px, 2 epochs, 2 rounds
     python benchmarks/bench_train.py --img-size 112 --n-train 512 --epochs 3
 
 Baseline (the seed's loop): ImageFolder + Resize((S, S)) + RandomHorizontalFlip + ToTensor +
@@ -118,7 +118,7 @@ def dataset(args: argparse.Namespace) -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n-train", type=int, default=192)
+    ap.add_argument("--n-train", type=int, default=320)
     ap.add_argument("--n-val", type=int, default=64)
     ap.add_argument("--img-size", type=int, default=224)
     ap.add_argument("--batch-size", type=int, default=32)

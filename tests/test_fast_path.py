@@ -204,13 +204,16 @@ def _train(data: Path, out: Path, **train: object) -> dict[str, str]:
 
 
 def test_cached_training_gives_the_plain_validation_accuracy(tmp_path: Path) -> None:
+    """The fast path (cache, threads, precision auto: bf16 autocast + channels_last on capable CPUs)
+    against the plain one (decode every epoch, single-process loader, fp32), same data and seed."""
     from hierarchy.synth import make_image_folder
 
     for split, n in (("train", 16), ("val", 8)):
         make_image_folder(tmp_path / "data" / split, ["skin", "non-skin"], n_per_label=n, size=(72, 54), seed=len(split))
-    plain = _train(tmp_path / "data", tmp_path / "plain", cache=False, workers=0)
+    plain = _train(tmp_path / "data", tmp_path / "plain", cache=False, workers=0, precision="fp32")
     fast = _train(tmp_path / "data", tmp_path / "fast", cache=True, workers="auto")
     again = _train(tmp_path / "data", tmp_path / "again", cache=True, workers="auto")  # from the cache file
+    print("val acc plain fp32", plain["val_acc"], "fast", fast["val_acc"])
     assert abs(float(plain["val_acc"]) - float(fast["val_acc"])) <= 0.15
     assert again["val_acc"] == fast["val_acc"] and again["train_loss"] == fast["train_loss"]
 
