@@ -87,6 +87,8 @@ def run_demo(out: Path, size: DemoSize = FULL, device: str = "auto") -> int:
     atomic_write_text(pipeline, PIPELINE.format(weights=run_dir.resolve() / "best.safetensors"))
     say(f"running `hierarchy run {pipeline} {held}` on {len(list(held.glob('*.jpg')))} held-back generated images")
     code = cli_main(["run", str(pipeline), str(held), "--device", device])
+    say("status 'abstained' = confidence under the stage's threshold; 'rejected' = the image looks unlike the "
+        "training images (out-of-distribution score over its threshold, docs/ood.md). Both are answers, not errors.")
     say(f"done in {time.perf_counter() - start:.0f}s. Next: `hierarchy run {pipeline} YOUR_IMAGES`, or train on real "
         "data with `hierarchy build-dataset skin_vs_nonskin --ham10000 DIR --coco DIR`.")
     return code
