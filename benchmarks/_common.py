@@ -91,3 +91,17 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
     return "\n".join([line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells[1:])])
+
+
+def export_for_onnx(run: Path) -> bool:
+    """`hierarchy export` the checkpoint (what the --engine onnx/openvino rows load); False without onnx."""
+    import importlib.util
+
+    if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None:
+        print("onnxruntime/onnx not installed (pip install 'hierarchy[onnx]'): no exported-engine rows", flush=True)
+        return False
+    from hierarchy.export import export_run
+
+    done = export_run(run)
+    print(f"exported {done['onnx']} (max |logit diff| vs torch {done['max_abs_logit_diff']:.2g})", flush=True)
+    return True

@@ -5,25 +5,29 @@
 
 Baseline (the seed's loop): per image PIL open -> Resize((224, 224)) -> ToTensor -> Normalize ->
 fp32 forward, batch 1. Ours: ``hierarchy run`` (its CLI entry point, in this process, so both are
-timed interleaved under the same load). Ceiling: the model alone, best engine (what ``--precision
-auto`` picks: bf16 weights, channels_last, BatchNorm folded) on pre-decoded uint8 batches.
+timed interleaved under the same load), with the torch engine and, where OpenVINO is installed, with
+``--engine openvino`` on the checkpoint exported by ``hierarchy export``. Ceiling: the model alone on
+pre-decoded uint8 batches, best engine at ``--precision auto`` (torch: bf16 weights, channels_last,
+BatchNorm folded; OpenVINO: bf16 inference hint).
 Steady state: the same run through the library (``Router.run``), timed from its first record to its
 last, so start-up (pipeline, weights, first-batch warm-up) is left out. Decode only: the decode of
 every image in ``hierarchy run``'s thread pool, no model. On shared cores the best a pipelined run can
 do is ``1 / (1/model + 1/decode)`` images per second (every image costs its model time plus its
 decode time of the same CPUs): printed as the limit.
-Agreement: top-1 of ``hierarchy run`` (auto precision) vs ``--precision fp32`` of the same model.
+Agreement: top-1 of ``hierarchy run`` (auto precision, each engine) vs torch ``--precision fp32``.
 The model is an untrained ResNet18 written by the benchmark (agreement is against its own fp32).
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
-from _common import interleave, load, make_jpegs, median, table, write_checkpoint, write_pipeline
+from _common import export_for_onnx, interleave, load, make_jpegs, median, table, write_checkpoint, write_pipeline
 
 
 def baseline(paths: list[Path], model) -> tuple[float, list[int]]:
@@ -42,23 +46,25 @@ def baseline(paths: list[Path], model) -> tuple[float, list[int]]:
     return len(paths) / (time.perf_counter() - t), labels
 
 
-def ours(pipe: Path, paths: list[Path], out: Path, precision: str = "auto", batch: int = 32) -> tuple[float, list[str]]:
+def ours(pipe: Path, paths: list[Path], out: Path, precision: str = "auto", batch: int = 32,
+         engine: str = "torch") -> tuple[float, list[str]]:
     from hierarchy.cli import main
 
     t = time.perf_counter()
     code = main(["-q", "run", str(pipe), *map(str, paths), "--format", "jsonl", "-o", str(out),
-                 "--precision", precision, "--batch-size", str(batch)])
+                 "--precision", precision, "--batch-size", str(batch), "--engine", engine])
     rate = len(paths) / (time.perf_counter() - t)
     if code != 0:
         raise SystemExit(f"hierarchy run exited {code}")
     return rate, [json.loads(line)["label"] for line in out.read_text().splitlines()]
 
 
-def model_only(run: Path, batches, precision: str) -> float:
-    from hierarchy.predict import load_predictor
+def model_only(run: Path, batches, precision: str, engine: str = "torch") -> float:
     from stages.skin_vs_nonskin.plugin import SkinVsNonskin
 
-    pred = load_predictor(SkinVsNonskin(), run, device="cpu", precision=precision)
+    pred = SkinVsNonskin().load_predictor(run, device="cpu", precision=precision, engine=engine)
+    if engine != "torch":
+        batches = [b.numpy() for b in batches]
     pred.predict(batches[0])  # warm-up (oneDNN primitive creation)
     t = time.perf_counter()
     for b in batches:
@@ -66,11 +72,11 @@ def model_only(run: Path, batches, precision: str) -> float:
     return sum(len(b) for b in batches) / (time.perf_counter() - t)
 
 
-def steady_state(pipe: Path, paths: list[Path], batch: int) -> float:
+def steady_state(pipe: Path, paths: list[Path], batch: int, engine: str = "torch") -> float:
     from hierarchy.pipeline import load_pipeline
     from hierarchy.router import Router
 
-    router = Router.from_pipeline(load_pipeline(pipe), device="cpu")
+    router = Router.from_pipeline(load_pipeline(pipe), device="cpu", engine=engine)
     records = router.run(paths, batch)
     next(records)
     t, n = time.perf_counter(), sum(1 for _ in records)
@@ -118,32 +124,43 @@ def main() -> None:
         rate, labels["base"] = baseline(paths, model)
         return rate
 
-    def o() -> float:
-        rate, labels["ours"] = ours(pipe, paths, out, batch=args.batch_size)
-        return rate
+    def o(engine: str) -> Callable[[], float]:
+        def measure() -> float:
+            rate, labels[engine] = ours(pipe, paths, out, batch=args.batch_size, engine=engine)
+            return rate
+        return measure
 
-    res = interleave({"baseline": b, "ours": o, "model bf16": lambda: model_only(run, batches, "auto"),
-                      "steady": lambda: steady_state(pipe, paths, args.batch_size), "decode": lambda: decode_only(paths),
-                      "model fp32": lambda: model_only(run, batches, "fp32")}, args.repeats)
+    engines = ["torch"] + (["openvino"] if importlib.util.find_spec("openvino") and export_for_onnx(run) else [])
+    fns: dict[str, Callable[[], float]] = {"baseline": b, "decode": lambda: decode_only(paths),
+                                           "model fp32": lambda: model_only(run, batches, "fp32")}
+    for e in engines:
+        fns |= {f"ours {e}": o(e), f"steady {e}": lambda e=e: steady_state(pipe, paths, args.batch_size, e),
+                f"model {e}": lambda e=e: model_only(run, batches, "auto", e)}
+    res = interleave(fns, args.repeats)
     _, fp32_labels = ours(pipe, paths, out, precision="fp32", batch=args.batch_size)
     names = ["skin", "non-skin"]
-    agree = sum(a == b for a, b in zip(labels["ours"], fp32_labels)) / len(paths)
+    base, dec = median(res["baseline"]), median(res["decode"])
+    ceil = max(median(res[f"model {e}"]) for e in engines)
+    rows = [["original-style loop (PIL, fp32, batch 1)", f"{base:.1f}", "1.00x", "-"]]
+    for e in engines:
+        mine, steady, model = median(res[f"ours {e}"]), median(res[f"steady {e}"]), median(res[f"model {e}"])
+        limit = 1 / (1 / model + 1 / dec)
+        agree = sum(a == b for a, b in zip(labels[e], fp32_labels)) / len(paths)
+        rows += [[f"hierarchy run --engine {e} (precision auto)", f"{mine:.1f}", f"{mine / base:.2f}x",
+                  f"{mine / ceil:.2f} of ceiling; top-1 vs torch fp32 {agree:.2%}"],
+                 ["  steady state (library, first record to last)", f"{steady:.1f}", f"{steady / base:.2f}x",
+                  f"{steady / ceil:.2f} of ceiling, {steady / limit:.2f} of this engine's limit"],
+                 [f"  model only, {e}, uint8 batches", f"{model:.1f}", f"{model / base:.2f}x",
+                  "ceiling" if model == ceil else f"{model / ceil:.2f} of ceiling"],
+                 ["  limit on shared cores: 1/(1/model + 1/decode)", f"{limit:.1f}", f"{limit / base:.2f}x",
+                  f"{limit / ceil:.2f} of ceiling"]]
+    rows += [["decode only (thread pool, no model)", f"{dec:.1f}", "-", "-"],
+             ["model only, torch fp32", f"{median(res['model fp32']):.1f}", f"{median(res['model fp32']) / base:.2f}x", "-"]]
     agree_ref = sum(names[a] == b for a, b in zip(labels["base"], fp32_labels)) / len(paths)
-    base, mine, ceil = median(res["baseline"]), median(res["ours"]), median(res["model bf16"])
-    steady, dec = median(res["steady"]), median(res["decode"])
-    limit = 1 / (1 / ceil + 1 / dec)
-    rows = [["original-style loop (PIL, fp32, batch 1)", f"{base:.1f}", "1.00x", "-"],
-            ["hierarchy run (auto: bf16, channels_last, BN folded)", f"{mine:.1f}", f"{mine / base:.2f}x",
-             f"{mine / ceil:.2f} of ceiling"],
-            ["hierarchy run, steady state (after the first record)", f"{steady:.1f}", f"{steady / base:.2f}x",
-             f"{steady / ceil:.2f} of ceiling, {steady / limit:.2f} of limit"],
-            ["model only, best engine (bf16), uint8 batches", f"{ceil:.1f}", f"{ceil / base:.2f}x", "ceiling"],
-            ["decode only (thread pool, no model)", f"{dec:.1f}", "-", "-"],
-            ["limit on shared cores: 1/(1/model + 1/decode)", f"{limit:.1f}", f"{limit / base:.2f}x",
-             f"{limit / ceil:.2f} of ceiling"],
-            ["model only, fp32", f"{median(res['model fp32']):.1f}", f"{median(res['model fp32']) / base:.2f}x", "-"]]
+    counts = {n: fp32_labels.count(n) for n in names}
     print(table(["path", "img/s (median)", "vs baseline", "note"], rows))
-    print(f"top-1 agreement, hierarchy run auto vs fp32: {agree:.4%}; fp32 fast path vs original loop: {agree_ref:.4%}")
+    print(f"top-1 agreement, fp32 fast path vs original loop: {agree_ref:.4%}; fp32 labels {counts} (an untrained "
+          "model: pass --images DIR and a trained checkpoint's pipeline for a harder agreement test)")
     print("all rounds:", {k: [round(v, 1) for v in vs] for k, vs in res.items()})
     print(load())
 

@@ -10,13 +10,12 @@ with `hierarchy export`; skipped when onnxruntime is not installed), `hierarchy 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 import tempfile
 from pathlib import Path
 
-from _common import hierarchy_cmd, interleave, load, make_jpegs, median, table, timed_subprocess, write_checkpoint, \
-    write_pipeline
+from _common import (export_for_onnx, hierarchy_cmd, interleave, load, make_jpegs, median, table, timed_subprocess,
+                     write_checkpoint, write_pipeline)
 
 
 def main() -> None:
@@ -51,18 +50,6 @@ def main() -> None:
 
 
 ONNX_ROW = "hierarchy run --engine onnx PIPELINE one.jpg"
-
-
-def export_for_onnx(run: Path) -> bool:
-    """`hierarchy export` the checkpoint (what the --engine onnx row loads); False without onnxruntime."""
-    if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None:
-        print("onnxruntime/onnx not installed (pip install 'hierarchy[onnx]'): no --engine onnx row", flush=True)
-        return False
-    from hierarchy.export import export_run
-
-    done = export_run(run)
-    print(f"exported {done['onnx']} (max |logit diff| vs torch {done['max_abs_logit_diff']:.2g})", flush=True)
-    return True
 
 
 if __name__ == "__main__":

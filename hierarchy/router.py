@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("hierarchy.router")
 
-ENGINES = ("torch", "onnx")
+ENGINES = ("torch", "onnx", "openvino")
 DEFAULT_ENGINE = "torch"
 
 
@@ -94,7 +94,7 @@ class Router:
         from .stage import Stage
 
         if engine not in ENGINES:
-            raise ConfigError("command line", [f"--engine: unknown engine {engine!r}; use {' or '.join(ENGINES)}"])
+            raise ConfigError("command line", [f"--engine: unknown engine {engine!r}; use {', '.join(ENGINES)}"])
         loaded = {}
         for sid in pipeline.depth_order():
             node = pipeline.stages[sid]
@@ -223,7 +223,7 @@ def _maybe_fast_jpeg(paths: Iterator[Path], torch_engine: bool = True) -> tuple[
     """Look ahead up to LONG_RUN paths; for a long run import torchvision's JPEG decoder in a
     background thread (~1 ms/image cheaper, same output within 0.001/255) while PIL decodes the
     first batches. Short runs keep PIL and start fast; so does every run of a pipeline without a
-    torch predictor (the ONNX engine never imports torch). Returns the paths and the thread (or None)."""
+    torch predictor (the ONNX and OpenVINO engines never import torch). Returns the paths and the thread (or None)."""
     head = list(itertools.islice(paths, LONG_RUN))
     thread = None
     if len(head) == LONG_RUN and torch_engine:

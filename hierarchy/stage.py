@@ -90,16 +90,21 @@ class Stage(ABC):
     def load_predictor(self, weights: Path, device: str = "auto", precision: str = "auto",
                        engine: str = "torch") -> Predictor:
         """Load a trained checkpoint (file or run directory) for inference. ``engine="onnx"`` loads
-        the model ``hierarchy export`` wrote beside the weights and runs it with ONNX Runtime, without
-        torch. An override without an ``engine`` parameter keeps working with the torch engine."""
+        the model ``hierarchy export`` wrote beside the weights and runs it with ONNX Runtime,
+        ``engine="openvino"`` compiles the same file with OpenVINO (bf16 where the CPU has it); neither
+        imports torch. An override without an ``engine`` parameter keeps working with the torch engine."""
         if engine == "onnx":
             from .onnx_predictor import load_onnx_predictor
 
             return load_onnx_predictor(self, weights, device=device, precision=precision)
+        if engine == "openvino":
+            from .openvino_predictor import load_openvino_predictor
+
+            return load_openvino_predictor(self, weights, device=device, precision=precision)
         if engine != "torch":
             from .errors import ConfigError
 
-            raise ConfigError("command line", [f"--engine: unknown engine {engine!r}; use torch or onnx"])
+            raise ConfigError("command line", [f"--engine: unknown engine {engine!r}; use torch, onnx or openvino"])
         from .predict import load_predictor
 
         return load_predictor(self, weights, device=device, precision=precision)

@@ -34,12 +34,15 @@ stages:
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_exported(tmp_path_factory.mktemp("onnx"))
+
+
+def make_exported(root: Path) -> Path:
     """A 1-step run dir (temperature, threshold, knn OOD) exported with `hierarchy export`."""
     from stages.skin_vs_nonskin.plugin import SkinVsNonskin
 
     from hierarchy.synth import make_image_folder
 
-    root = tmp_path_factory.mktemp("onnx")
     make_image_folder(root / "data" / "train", LABELS, n_per_label=8, size=(40, 30), seed=0)
     make_image_folder(root / "data" / "val", LABELS, n_per_label=6, size=(40, 30), seed=1)
     cfg = SkinVsNonskin.Config(train={
@@ -52,10 +55,13 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    return make_images(tmp_path_factory.mktemp("onnx_imgs"))
+
+
+def make_images(root: Path) -> list[Path]:
     """Generated photos and OOD textures (not the val images the thresholds were tuned on), plus a bad file."""
     from hierarchy.synth import make_image_folder, make_ood
 
-    root = tmp_path_factory.mktemp("onnx_imgs")
     photos = sorted(make_image_folder(root / "photos", LABELS, n_per_label=3, size=(40, 30), seed=5).rglob("*.jpg"))
     textures = sorted(make_ood(root / "textures", n=3, size=(40, 30), seed=9).glob("*.jpg"))
     bad = root / "bad.jpg"
@@ -182,10 +188,11 @@ def test_export_usage_errors_exit_2(exported: Path, tmp_path: Path, capsys: pyte
 # ---------------------------------------------------------------- same records as the torch engine
 
 
-def test_onnx_engine_matches_torch_labels(exported: Path, images: list[Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", [["onnx"], ["openvino", "--precision", "fp32"]], ids=["onnx", "openvino"])
+def test_onnx_engine_matches_torch_labels(exported: Path, images: list[Path], tmp_path: Path, engine: list[str]) -> None:
     pipe = pipeline(tmp_path, exported)
     rc_t, torch_recs = run_records(pipe, images, tmp_path / "t.jsonl", "--device", "cpu", "--precision", "fp32")
-    rc_o, onnx_recs = run_records(pipe, images, tmp_path / "o.jsonl", "--engine", "onnx")
+    rc_o, onnx_recs = run_records(pipe, images, tmp_path / "o.jsonl", "--engine", *engine)
     assert rc_t == rc_o == 3  # the bad image errors under both engines
     assert_same_records(torch_recs, onnx_recs)
     bad = [r for r in onnx_recs if r["status"] == "error"]
@@ -218,7 +225,8 @@ def test_onnx_engine_matches_torch_through_the_api(exported: Path, images: list[
     assert_same_records(routed["torch"], routed["onnx"])
 
 
-def test_run_engine_onnx_never_imports_torch(exported: Path, images: list[Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ["onnx", "openvino"])
+def test_run_engine_onnx_never_imports_torch(exported: Path, images: list[Path], tmp_path: Path, engine: str) -> None:
     script = tmp_path / "blocked.py"
     script.write_text(
         "import importlib.abc, sys\n"
@@ -236,7 +244,7 @@ def test_run_engine_onnx_never_imports_torch(exported: Path, images: list[Path],
     env = {**os.environ, "TQDM_DISABLE": "1"}
     env.pop("HIERARCHY_MALLOC", None)
     proc = subprocess.run([sys.executable, str(script), "-q", "run", str(pipeline(tmp_path, exported)),
-                           *map(str, images), "--engine", "onnx", "--format", "jsonl"],
+                           *map(str, images), "--engine", engine, "--format", "jsonl"],
                           capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL, timeout=300)
     assert "BLOCKED" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert proc.returncode == 3, proc.stderr  # one bad image among good ones, as with torch
