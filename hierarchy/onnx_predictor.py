@@ -30,7 +30,6 @@ log = logging.getLogger(__name__)
 EXPORT_KEY = "export"  # metadata.json: {"export": {"best.onnx": {...}, "last.onnx": {...}}}
 INPUT_NAME = "input"
 OUTPUT_NAMES = ("logits", "features")
-INSTALL_HINT = "pip install 'hierarchy[onnx]'"
 
 
 def onnx_path_for(weights: Path) -> Path:
@@ -51,14 +50,20 @@ def export_entries(meta: CheckpointMetadata) -> dict[str, Any]:
     return dict(entries) if isinstance(entries, dict) else {}
 
 
-def import_onnxruntime() -> Any:
-    """``onnxruntime``, or a typed error that says how to install it."""
+def import_runtime(module: str, engine: str, extra: str) -> Any:
+    """Import an engine's runtime (``onnxruntime``, ``openvino``), or a typed error that says how to
+    install it."""
+    import importlib
+
     try:
-        import onnxruntime
+        return importlib.import_module(module)
     except ImportError as e:
-        raise EngineError(f"--engine onnx needs ONNX Runtime, which is not installed ({e}); "
-                          f"install it with: {INSTALL_HINT}") from e
-    return onnxruntime
+        raise EngineError(f"--engine {engine} needs {module}, which is not installed ({e}); "
+                          f"install it with: pip install 'hierarchy[{extra}]'") from e
+
+
+def import_onnxruntime() -> Any:
+    return import_runtime("onnxruntime", "onnx", "onnx")
 
 
 def read_verified_export(weights: Path, meta: CheckpointMetadata, run_dir: Path) -> tuple[bytes, dict[str, Any]]:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import EngineError, ExportError
 from .metadata import check_stage, read_metadata, resolve_checkpoint
-from .onnx_predictor import INPUT_NAME, OnnxPredictor, onnx_path_for, read_verified_export
+from .onnx_predictor import INPUT_NAME, OnnxPredictor, import_runtime, onnx_path_for, read_verified_export
 from .ood_numpy import load_numpy_scorer
 from .preset import Preset
 
@@ -25,18 +25,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-INSTALL_HINT = "pip install 'hierarchy[openvino]'"
 HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}  # our precision -> INFERENCE_PRECISION_HINT
-
-
-def import_openvino() -> Any:
-    """``openvino``, or a typed error that says how to install it."""
-    try:
-        import openvino
-    except ImportError as e:
-        raise EngineError(f"--engine openvino needs OpenVINO, which is not installed ({e}); "
-                          f"install it with: {INSTALL_HINT}") from e
-    return openvino
 
 
 def select_precision(capabilities: Any, requested: str) -> str:
@@ -93,7 +82,7 @@ def load_openvino_predictor(stage: "Stage", weights: Path, device: str = "auto",
     check_stage(meta, stage.name, stage.labels, meta_path)
     check_device(device)
     model, _ = read_verified_export(weights_path, meta, meta_path.parent)
-    ov = import_openvino()
+    ov = import_runtime("openvino", "openvino", "openvino")
     chosen = select_precision(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"), precision)
     compiled = compile_model(ov, model, chosen, onnx_path_for(weights_path))
     predictor = OnnxPredictor(OpenVinoSession(compiled), stage.labels, Preset.from_dict(meta.preset),
