@@ -156,6 +156,7 @@ class OnnxPredictor:
     uint8 batches (``batch_format = "numpy"``; CPU torch tensors are accepted too)."""
 
     batch_format = "numpy"
+    precision = "fp32"  # the exported graph's; the OpenVINO engine sets what it compiled for
 
     def __init__(self, session: Any, labels: Sequence[str], preset: Preset, metadata: dict[str, Any] | None = None,
                  temperature: float = 1.0, ood_scorer: NumpyOODScorer | None = None):

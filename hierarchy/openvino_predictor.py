@@ -64,8 +64,7 @@ def check_device(device: str) -> None:
                           "use auto or cpu, or --engine torch for CUDA and MPS")
 
 
-def compile_model(ov: Any, model: bytes, precision: str, onnx_path: Path) -> Any:
-    core = ov.Core()
+def compile_model(core: Any, model: bytes, precision: str, onnx_path: Path) -> Any:
     try:
         return core.compile_model(core.read_model(model), "CPU", {"INFERENCE_PRECISION_HINT": HINTS[precision]})
     except Exception as e:  # noqa: BLE001 - OpenVINO raises its own exception types
@@ -82,9 +81,9 @@ def load_openvino_predictor(stage: "Stage", weights: Path, device: str = "auto",
     check_stage(meta, stage.name, stage.labels, meta_path)
     check_device(device)
     model, _ = read_verified_export(weights_path, meta, meta_path.parent)
-    ov = import_runtime("openvino", "openvino", "openvino")
-    chosen = select_precision(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"), precision)
-    compiled = compile_model(ov, model, chosen, onnx_path_for(weights_path))
+    core = import_runtime("openvino", "openvino", "openvino").Core()
+    chosen = select_precision(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"), precision)
+    compiled = compile_model(core, model, chosen, onnx_path_for(weights_path))
     predictor = OnnxPredictor(OpenVinoSession(compiled), stage.labels, Preset.from_dict(meta.preset),
                               meta.model_dump(mode="json"), temperature=meta.temperature,
                               ood_scorer=load_numpy_scorer(meta.ood, meta_path.parent))
