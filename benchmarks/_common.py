@@ -18,7 +18,7 @@ def make_jpegs(folder: Path, n: int, size: tuple[int, int] = (600, 450), seed: i
     import numpy as np
     from PIL import Image
 
-    from hierarchy.synth import _lesion_shape, _rng, _scene, skin_image
+    from hierarchy.data.synth import _lesion_shape, _rng, _scene, skin_image
 
     folder.mkdir(parents=True, exist_ok=True)
     out = []
@@ -37,9 +37,9 @@ def write_checkpoint(run: Path, size: int = 224, seed: int = 0) -> Path:
     """An untrained ResNet18 (2 classes) as a hierarchy run dir for stage skin_vs_nonskin."""
     import torch
 
-    from hierarchy.checkpoint import CheckpointMetadata, save_weights, write_metadata
-    from hierarchy.models import create_model
-    from hierarchy.preset import Preset
+    from hierarchy.models.checkpoint import CheckpointMetadata, save_weights, write_metadata
+    from hierarchy.models.backbones import create_model
+    from hierarchy.data.preset import Preset
 
     torch.manual_seed(seed)
     model = create_model("resnet18", 2)[0].eval()
@@ -100,7 +100,7 @@ def export_for_onnx(run: Path) -> bool:
     if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None:
         print("onnxruntime/onnx not installed (pip install 'hierarchy[onnx]'): no exported-engine rows", flush=True)
         return False
-    from hierarchy.export import export_run
+    from hierarchy.engine.export import export_run
 
     done = export_run(run)
     print(f"exported {done['onnx']} (max |logit diff| vs torch {done['max_abs_logit_diff']:.2g})", flush=True)

@@ -31,11 +31,11 @@ def make_checkpoints(root: Path, size: int, method: str) -> tuple[Path, Path]:
     import numpy as np
     import torch
 
-    from hierarchy import ood
-    from hierarchy.checkpoint import save_weights
-    from hierarchy.fsutil import atomic_write_json
-    from hierarchy.models import create_model
-    from hierarchy.preset import Preset
+    from hierarchy.ood import fit as ood
+    from hierarchy.models.checkpoint import save_weights
+    from hierarchy.core.fsutil import atomic_write_json
+    from hierarchy.models.backbones import create_model
+    from hierarchy.data.preset import Preset
 
     torch.manual_seed(0)
     model, arch = create_model("resnet18", 2)
@@ -56,15 +56,15 @@ def make_checkpoints(root: Path, size: int, method: str) -> tuple[Path, Path]:
 
 
 def make_images(folder: Path, n: int) -> list[Path]:
-    from hierarchy.synth import make_coco
+    from hierarchy.data.synth import make_coco
 
     make_coco(folder, sets=("val2017",), n_images=n, size=(320, 240), seed=1)
     return sorted((folder / "val2017").glob("*.jpg"))
 
 
 def router_for(run: Path) -> Any:
-    from hierarchy.pipeline import parse_pipeline
-    from hierarchy.router import Router
+    from hierarchy.engine.pipeline import parse_pipeline
+    from hierarchy.engine.router import Router
 
     text = (f"name: bench\nroot: gate\nstages:\n  gate:\n    stage: skin_vs_nonskin\n    weights: {run}\n"
             "    ood: auto\n    routes: {default: stop}\n")
@@ -117,7 +117,7 @@ def scorer_share(predictor: Any, batch: Any, rounds: int) -> dict[str, float]:
 def main() -> None:
     import torch
 
-    from hierarchy.imageio import load_image
+    from hierarchy.data.imageio import load_image
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--size", type=int, default=224)

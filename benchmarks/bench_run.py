@@ -48,7 +48,7 @@ def baseline(paths: list[Path], model) -> tuple[float, list[int]]:
 
 def ours(pipe: Path, paths: list[Path], out: Path, precision: str = "auto", batch: int = 32,
          engine: str = "torch") -> tuple[float, list[str]]:
-    from hierarchy.cli import main
+    from hierarchy.commands.cli import main
 
     t = time.perf_counter()
     code = main(["-q", "run", str(pipe), *map(str, paths), "--format", "jsonl", "-o", str(out),
@@ -73,8 +73,8 @@ def model_only(run: Path, batches, precision: str, engine: str = "torch") -> flo
 
 
 def steady_state(pipe: Path, paths: list[Path], batch: int, engine: str = "torch") -> float:
-    from hierarchy.pipeline import load_pipeline
-    from hierarchy.router import Router
+    from hierarchy.engine.pipeline import load_pipeline
+    from hierarchy.engine.router import Router
 
     router = Router.from_pipeline(load_pipeline(pipe), device="cpu", engine=engine)
     records = router.run(paths, batch)
@@ -86,8 +86,8 @@ def steady_state(pipe: Path, paths: list[Path], batch: int, engine: str = "torch
 def decode_only(paths: list[Path]) -> float:
     from concurrent.futures import ThreadPoolExecutor
 
-    from hierarchy.decode import decode_arrays
-    from hierarchy.router import default_workers
+    from hierarchy.data.decode import decode_arrays
+    from hierarchy.engine.router import default_workers
 
     t = time.perf_counter()
     with ThreadPoolExecutor(default_workers()) as pool:
@@ -106,8 +106,8 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    from hierarchy.decode import decode_uint8
-    from hierarchy.models import create_model
+    from hierarchy.data.decode import decode_uint8
+    from hierarchy.models.backbones import create_model
 
     paths = sorted(args.images.glob("*.jp*g")) if args.images else make_jpegs(args.workdir / "run600", args.n)
     run = write_checkpoint(args.workdir / "ckpt224")

@@ -60,9 +60,9 @@ def baseline_worker(data: Path, size: int, batch: int, epochs: int) -> dict:
 
 def ours_worker(data: Path, size: int, batch: int, epochs: int, out: Path, precision: str) -> dict:
     sys.path.insert(0, str(REPO))
-    import hierarchy.train as train
-    import hierarchy.train_data as train_data
-    from hierarchy.cli import main
+    import hierarchy.train.trainer as train
+    import hierarchy.train.loader as train_data
+    from hierarchy.commands.cli import main
 
     timing = {"train": 0.0, "n": 0, "cache": 0.0}
     epoch_fn, caches_fn = train._train_epoch, train_data._caches

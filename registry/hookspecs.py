@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Callable
 import pluggy
 
 if TYPE_CHECKING:
-    from hierarchy.stage import Stage
+    from hierarchy.config.stage import Stage
 
 PROJECT = "hierarchy"
 hookspec = pluggy.HookspecMarker(PROJECT)

@@ -20,7 +20,7 @@ import pluggy
 from . import hookspecs
 
 if TYPE_CHECKING:
-    from hierarchy.stage import Stage
+    from hierarchy.config.stage import Stage
 
 ENTRY_POINT_GROUP = "hierarchy.stages"
 DISABLE_AUTOLOAD_ENV = "HIERARCHY_DISABLE_PLUGIN_AUTOLOAD"
@@ -145,7 +145,7 @@ class Registry:
         self.failures.append(PluginFailure(info, "conflict", f"stage '{name}' is registered by {owners}"))
 
     def get(self, name: str) -> "type[Stage]":
-        from hierarchy.errors import PluginError, UnknownStageError
+        from hierarchy.core.errors import PluginError, UnknownStageError
 
         if name in self.stages:
             return self.stages[name].cls
@@ -179,7 +179,7 @@ def _describe(exc: BaseException) -> str:
 
 
 def _api_compatible(plugin: object, info: PluginInfo, failures: list[PluginFailure]) -> bool:
-    from hierarchy.stage import PLUGIN_API_VERSION
+    from hierarchy.config.stage import PLUGIN_API_VERSION
 
     declared = getattr(plugin, API_ATTRIBUTE, PLUGIN_API_VERSION)
     if declared == PLUGIN_API_VERSION:
@@ -191,10 +191,10 @@ def _api_compatible(plugin: object, info: PluginInfo, failures: list[PluginFailu
 
 
 def _stage_problem(cls: object) -> str | None:
-    from hierarchy.stage import Stage, StageConfig
+    from hierarchy.config.stage import Stage, StageConfig
 
     if not (inspect.isclass(cls) and issubclass(cls, Stage)):
-        return f"register() got {cls!r}, which is not a hierarchy.stage.Stage subclass"
+        return f"register() got {cls!r}, which is not a hierarchy.config.stage.Stage subclass"
     name = getattr(cls, "name", None)
     if not isinstance(name, str) or not _NAME_RE.match(name):
         return f"{cls.__qualname__}.name must be a lower-case identifier (letters, digits, _ or -), got {name!r}"
@@ -204,7 +204,7 @@ def _stage_problem(cls: object) -> str | None:
     if len(set(labels)) != len(labels) or "default" in labels:
         return f"stage '{name}': labels must be unique and may not be the reserved word 'default': {labels!r}"
     if not (inspect.isclass(cls.Config) and issubclass(cls.Config, StageConfig)):
-        return f"stage '{name}': Config must subclass hierarchy.stage.StageConfig"
+        return f"stage '{name}': Config must subclass hierarchy.config.stage.StageConfig"
     if inspect.isabstract(cls):
         missing = ", ".join(sorted(cls.__abstractmethods__))
         return f"stage '{name}': {cls.__qualname__} does not implement {missing}"

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from hierarchy.preset import Preset
-from hierarchy.stage import Prediction, Stage
+from hierarchy.data.preset import Preset
+from hierarchy.config.stage import Prediction, Stage
 from registry import hookimpl
 
 CALLS: dict[str, list[int]] = {}

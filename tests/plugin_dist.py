@@ -55,8 +55,8 @@ def hierarchy_cli(args: list[str], site: Path | None = None, cwd: Path | None = 
 
 COLOR_PLUGIN = '''
 import numpy as np
-from hierarchy.preset import Preset
-from hierarchy.stage import Prediction, Stage
+from hierarchy.data.preset import Preset
+from hierarchy.config.stage import Prediction, Stage
 from registry import hookimpl
 
 HIERARCHY_PLUGIN_API = 1

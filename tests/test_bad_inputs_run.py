@@ -23,10 +23,10 @@ import pytest
 from fakes import FakePredictor
 from PIL import Image
 
-from hierarchy.cli import main
-from hierarchy.pipeline import parse_pipeline
-from hierarchy.router import Router
-from hierarchy.stage import Stage
+from hierarchy.commands.cli import main
+from hierarchy.engine.pipeline import parse_pipeline
+from hierarchy.engine.router import Router
+from hierarchy.config.stage import Stage
 from registry import hookimpl, register_plugin
 
 ERROR_TYPES = {"not_found", "not_a_file", "unreadable", "empty", "too_large", "unsupported_format",
@@ -64,7 +64,7 @@ def _quadrant_probs(batch: np.ndarray) -> np.ndarray:
 
 class QuadrantPredictor(FakePredictor):
     def predict(self, batch):  # type: ignore[no-untyped-def]
-        from hierarchy.stage import Prediction
+        from hierarchy.config.stage import Prediction
 
         return Prediction(probs=_quadrant_probs(batch.numpy()))
 

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hierarchy.cli import main
-from hierarchy.data import read_manifest
+from hierarchy.commands.cli import main
+from hierarchy.data.labelled import read_manifest
 
 NAME = os.fsdecode(b"caf\xe9-\xff")  # a surrogate-escaped str: the bytes are not UTF-8
 

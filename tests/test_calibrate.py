@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from hierarchy.cli import main
-from hierarchy.train_config import TrainConfig
+from hierarchy.commands.cli import main
+from hierarchy.config.train import TrainConfig
 
 RUN_FIELDS = {"threshold", "target", "achieved", "n", "met", "data", "split"}
 
@@ -17,7 +17,7 @@ def trained(tmp_path_factory):
     """Generated data, the real builder, and a model trained for 2 steps (plumbing, not accuracy).
     fp32 so that re-predicting the val split reproduces the logits calibration saw; OOD fitting off
     (not under test here, and it triples the training time)."""
-    from hierarchy import synth
+    from hierarchy.data import synth
 
     root = tmp_path_factory.mktemp("calib")
     synth.make_ham10000(root / "ham", n_lesions=16, seed=1)
@@ -35,8 +35,8 @@ def val_predictions(root, run):
     """(probs at the stored T, raw logits, truth) of the val split, through the shared predictor."""
     import torch
 
-    from hierarchy.evaluate import select_samples
-    from hierarchy.imageio import load_image
+    from hierarchy.evaluate.runner import select_samples
+    from hierarchy.data.imageio import load_image
     from registry import get_stage
 
     predictor = get_stage("skin_vs_nonskin")().load_predictor(run, device="cpu", precision="fp32")
@@ -48,7 +48,7 @@ def val_predictions(root, run):
 
 
 def test_temperature_from_training_keeps_labels_and_does_not_raise_nll(trained):
-    from hierarchy.metrics import nll, softmax
+    from hierarchy.metrics.classification import nll, softmax
 
     root, run = trained
     meta = json.loads((run / "metadata.json").read_text())

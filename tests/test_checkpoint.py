@@ -10,7 +10,7 @@ from typing import Any, Callable
 import pytest
 import torch
 
-from hierarchy.checkpoint import (
+from hierarchy.models.checkpoint import (
     CheckpointMetadata,
     check_compatible,
     load_train_state,
@@ -22,11 +22,11 @@ from hierarchy.checkpoint import (
     update_metadata,
     write_metadata,
 )
-from hierarchy.errors import CheckpointError
-from hierarchy.models import create_model
-from hierarchy.predict import load_predictor
-from hierarchy.preset import Preset
-from hierarchy.stage import Stage
+from hierarchy.core.errors import CheckpointError
+from hierarchy.models.backbones import create_model
+from hierarchy.engine.torch_backend import load_predictor
+from hierarchy.data.preset import Preset
+from hierarchy.config.stage import Stage
 
 LABELS = ("skin", "not_skin")
 

@@ -8,7 +8,7 @@ import json
 import pytest
 from fakes import solid
 
-from hierarchy.cli import COMMANDS, main
+from hierarchy.commands.cli import COMMANDS, main
 
 PIPE = """\
 name: cli
@@ -119,6 +119,6 @@ def test_help_does_not_import_torch():
     import subprocess
     import sys
 
-    code = "import sys; from hierarchy.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    code = "import sys; from hierarchy.commands.cli import build_parser; build_parser(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

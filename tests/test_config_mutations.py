@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from hierarchy.cli import main
+from hierarchy.commands.cli import main
 
 PIPE = """\
 name: ok
@@ -129,11 +129,11 @@ def mutate(base: str, old: str, new: str) -> str:
 @pytest.fixture
 def spies(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Record (and refuse) anything that would build a predictor, a model or a dataset."""
-    import hierarchy.dataset
-    import hierarchy.models
-    import hierarchy.predict
-    import hierarchy.train
-    from hierarchy.router import Router
+    import hierarchy.data.builder
+    import hierarchy.models.backbones
+    import hierarchy.engine.torch_backend
+    import hierarchy.train.trainer
+    from hierarchy.engine.router import Router
 
     calls: list[str] = []
 
@@ -148,10 +148,10 @@ def spies(monkeypatch: pytest.MonkeyPatch) -> list[str]:
             return iter(())
 
     monkeypatch.setattr(Router, "from_pipeline", classmethod(spy("router", NoRouter())))
-    monkeypatch.setattr(hierarchy.predict, "load_predictor", spy("load_predictor"))
-    monkeypatch.setattr(hierarchy.models, "create_model", spy("create_model"))
-    monkeypatch.setattr(hierarchy.train, "train_stage", spy("train_stage", Path("run-dir")))
-    monkeypatch.setattr(hierarchy.dataset, "build_dataset", spy("build_dataset", {}))
+    monkeypatch.setattr(hierarchy.engine.torch_backend, "load_predictor", spy("load_predictor"))
+    monkeypatch.setattr(hierarchy.models.backbones, "create_model", spy("create_model"))
+    monkeypatch.setattr(hierarchy.train.trainer, "train_stage", spy("train_stage", Path("run-dir")))
+    monkeypatch.setattr(hierarchy.data.builder, "build_dataset", spy("build_dataset", {}))
     return calls
 
 

@@ -24,14 +24,14 @@ import pytest
 import torch
 import yaml
 
-from hierarchy.checkpoint import load_train_state, load_weights
-from hierarchy.fsutil import temp_target
+from hierarchy.models.checkpoint import load_train_state, load_weights
+from hierarchy.core.fsutil import temp_target
 
 EPOCHS = 3
 STAGE = "skin_vs_nonskin"
 HARNESS = """
 import os, sys, time
-import hierarchy.fsutil as fsutil
+import hierarchy.core.fsutil as fsutil
 name, nth = os.environ["HOLD_PUBLISH"].rsplit(":", 1)
 real, seen = fsutil._publish, [0]
 def publish(tmp, path):
@@ -42,14 +42,14 @@ def publish(tmp, path):
             time.sleep(600)  # the test kills us here: the temp file is written, never renamed
     real(tmp, path)
 fsutil._publish = publish
-from hierarchy.cli import main
+from hierarchy.commands.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
 
 def train_options() -> dict[str, Any]:
     """Tiny and fast; options that only exist in newer configs are switched off when present."""
-    from hierarchy.train_config import TrainConfig
+    from hierarchy.config.train import TrainConfig
 
     opts = {"backbone": "timm/test_resnet", "epochs": EPOCHS, "precision": "fp32", "device": "cpu", "workers": 0,
             "ood": False, "threshold_target": None, "calibrate": True}
@@ -59,8 +59,8 @@ def train_options() -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """synth + `hierarchy build-dataset`: ~16 images, train and val splits."""
-    from hierarchy import synth
-    from hierarchy.cli import main
+    from hierarchy.data import synth
+    from hierarchy.commands.cli import main
     from registry import reset_registry
 
     root = tmp_path_factory.mktemp("crash")
@@ -133,7 +133,7 @@ def check_finished(run: Path) -> None:
     """All epochs done, records agree, no temp files, best.safetensors loads through the predictor."""
     from safetensors import safe_open
 
-    from hierarchy.predict import load_predictor
+    from hierarchy.engine.torch_backend import load_predictor
     from registry import get_stage, reset_registry
 
     state = load_train_state(run / "train_state.pt")
@@ -193,7 +193,7 @@ def test_kill_at_each_write_then_resume(data: Path, monkeypatch, name: str, nth:
 
 @pytest.mark.slow
 def test_kill_before_the_first_commit_cannot_resume(data: Path, monkeypatch, capsys) -> None:
-    from hierarchy.cli import main
+    from hierarchy.commands.cli import main
     from registry import reset_registry
 
     monkeypatch.delenv("HIERARCHY_DISABLE_PLUGIN_AUTOLOAD", raising=False)
@@ -236,7 +236,7 @@ def test_repeated_unaimed_kills_still_finish(data: Path, monkeypatch) -> None:
 
 
 def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path: Path) -> None:
-    from hierarchy.fsutil import atomic_write_with
+    from hierarchy.core.fsutil import atomic_write_with
 
     target = tmp_path / "best.safetensors"
     target.write_bytes(b"old")
@@ -253,7 +253,7 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path: Path) -> N
 def test_only_fsutil_temp_files_are_removed(tmp_path: Path) -> None:
     import tempfile
 
-    from hierarchy.fsutil import remove_temp_files
+    from hierarchy.core.fsutil import remove_temp_files
 
     made = []
     for name in ("best.safetensors", "train_state.pt", "metadata.json"):
@@ -290,7 +290,7 @@ def one_thread() -> Any:
 @pytest.fixture(scope="module")
 def good_run(data: Path) -> Path:
     """One clean epoch, trained in-process."""
-    from hierarchy.configs import load_stage_config
+    from hierarchy.config.load import load_stage_config
     from stages.skin_vs_nonskin.plugin import SkinVsNonskin
 
     train = {**train_options(), "epochs": 1, "pretrained": "none", "img_size": 32, "batch_size": 4,
@@ -299,7 +299,7 @@ def good_run(data: Path) -> Path:
 
 
 def resume_in_process(run: Path, **train: Any) -> Path:
-    from hierarchy.configs import load_stage_config
+    from hierarchy.config.load import load_stage_config
     from stages.skin_vs_nonskin.plugin import SkinVsNonskin
 
     config = load_stage_config(SkinVsNonskin, run / "config.yaml", train={"epochs": EPOCHS, **train})
@@ -317,16 +317,16 @@ def poison_loss(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def poison_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
     """Finite loss, NaN gradient on one parameter."""
-    import hierarchy.models
+    import hierarchy.models.backbones
 
-    real = hierarchy.models.create_model
+    real = hierarchy.models.backbones.create_model
 
     def create(*args: Any, **kwargs: Any) -> Any:
         model, arch = real(*args, **kwargs)
         next(model.parameters()).register_hook(lambda g: torch.full_like(g, math.nan))
         return model, arch
 
-    monkeypatch.setattr(hierarchy.models, "create_model", create)
+    monkeypatch.setattr(hierarchy.models.backbones, "create_model", create)
 
 
 def poison_weights(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -351,7 +351,7 @@ def poison_weights(monkeypatch: pytest.MonkeyPatch) -> None:
 ], ids=["nan_loss", "nan_gradient", "nan_loss_short_epoch", "inf_weight"])
 def test_non_finite_training_never_overwrites_the_last_good_checkpoint(good_run: Path, tmp_path: Path, monkeypatch,
                                                                        poison, batch: int, message: str) -> None:
-    from hierarchy.train import TrainingDiverged
+    from hierarchy.train.trainer import TrainingDiverged
 
     run = tmp_path / "run"
     shutil.copytree(good_run, run)
@@ -388,7 +388,7 @@ def test_atomic_writes_never_replace_devices(tmp_path):
     """`-o /dev/null` must not turn /dev/null into a regular file (tested on a fifo, never on /dev/null)."""
     import threading
 
-    from hierarchy.fsutil import atomic_write_text
+    from hierarchy.core.fsutil import atomic_write_text
 
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)

@@ -1,4 +1,4 @@
-"""Reading labelled data (hierarchy.data): builder manifests, split trees, ImageFolders, label CSVs."""
+"""Reading labelled data (hierarchy.data.labelled): builder manifests, split trees, ImageFolders, label CSVs."""
 from __future__ import annotations
 
 import hashlib
@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from hierarchy import synth
-from hierarchy.data import Sample, load_samples, manifest_sha256, read_manifest
-from hierarchy.dataset import build_dataset
-from hierarchy.dataset_config import DatasetConfig
-from hierarchy.errors import DatasetError
+from hierarchy.data import synth
+from hierarchy.data.labelled import Sample, load_samples, manifest_sha256, read_manifest
+from hierarchy.data.builder import build_dataset
+from hierarchy.config.dataset import DatasetConfig
+from hierarchy.core.errors import DatasetError
 
 LABELS = ("skin", "nonskin")
 

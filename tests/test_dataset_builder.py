@@ -1,4 +1,4 @@
-"""The shared dataset builder (hierarchy.dataset) on tiny synthetic HAM10000 / COCO fixtures."""
+"""The shared dataset builder (hierarchy.data.builder) on tiny synthetic HAM10000 / COCO fixtures."""
 from __future__ import annotations
 
 import contextlib
@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from hierarchy import synth
-from hierarchy.data import read_manifest
-from hierarchy.dataset import build_dataset, split_sizes
-from hierarchy.dataset_config import DatasetConfig
-from hierarchy.errors import DatasetError
+from hierarchy.data import synth
+from hierarchy.data.labelled import read_manifest
+from hierarchy.data.builder import build_dataset, split_sizes
+from hierarchy.config.dataset import DatasetConfig
+from hierarchy.core.errors import DatasetError
 
 LABELS = ("skin", "nonskin")
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hierarchy.cli import main
+from hierarchy.commands.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "hierarchy-ham10000"
@@ -56,14 +56,14 @@ def one_thread():
 
 
 def uniform_dx() -> dict[str, float]:
-    from hierarchy.synth import DX_STYLE
+    from hierarchy.data.synth import DX_STYLE
 
     return {dx: 1.0 for dx in DX_STYLE}
 
 
 def make_mixed(root: Path) -> dict[str, str]:
     """A flat folder of held-back generated images; returns file name -> truth (a dx, or 'scene')."""
-    from hierarchy.synth import make_coco, make_ham10000
+    from hierarchy.data.synth import make_coco, make_ham10000
 
     ham = make_ham10000(root / "_ham", n_lesions=21, max_images_per_lesion=1, size=IMG, seed=7, dx_weights=uniform_dx())
     coco = make_coco(root / "_coco", sets=("val2017",), n_images=9, size=IMG, seed=7)
@@ -87,7 +87,7 @@ def batch_size(dataset: Path) -> int:
 
 def train_all(tmp_path: Path) -> dict[str, float]:
     """build-dataset + train for each stage into ./runs/<stage>/train; returns seconds per stage."""
-    from hierarchy.synth import make_coco, make_ham10000
+    from hierarchy.data.synth import make_coco, make_ham10000
 
     ham = make_ham10000(tmp_path / "ham", n_lesions=280, max_images_per_lesion=1, size=IMG, seed=1,
                         dx_weights=uniform_dx())  # 40 lesions of every dx; one image each: more variety
@@ -105,7 +105,7 @@ def train_all(tmp_path: Path) -> dict[str, float]:
 
 
 def test_cascade_points_at_default_run_dirs(derm_stages):
-    from hierarchy.pipeline import load_pipeline
+    from hierarchy.engine.pipeline import load_pipeline
 
     pipe = load_pipeline(CASCADE)
     assert pipe.depth_order() == STAGE_IDS

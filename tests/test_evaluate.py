@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 from fakes import solid
 
-from hierarchy.cli import main
-from hierarchy.errors import DatasetError
-from hierarchy.evaluate import Hierarchy, evaluate
-from hierarchy.evaluate_report import unique_dir
-from hierarchy.pipeline import parse_pipeline
+from hierarchy.commands.cli import main
+from hierarchy.core.errors import DatasetError
+from hierarchy.evaluate.runner import Hierarchy, evaluate
+from hierarchy.evaluate.report import unique_dir
+from hierarchy.engine.pipeline import parse_pipeline
 
 # color: red -> bright, other -> stop; bright: light -> blue, dark -> stop; blue: leaf.
 # Fake scores: p(red) = mean R, p(light) = mean G, p(blue) = mean B (of 0..255 / 255).
@@ -177,7 +177,7 @@ E2E_FIELDS = {"n", "statuses", "n_without_root_truth", "labels", "accuracy", "n"
 def trained(tmp_path_factory):
     """Generated HAM10000/COCO data, the real builder, and a model trained for 2 steps: enough for
     plumbing (files, fields, thresholds), not for accuracy. OOD fitting is off (not under test here)."""
-    from hierarchy import synth
+    from hierarchy.data import synth
 
     root = tmp_path_factory.mktemp("trained")
     synth.make_ham10000(root / "ham", n_lesions=16, seed=0)
@@ -224,8 +224,8 @@ def test_train_evaluate_calibrate_end_to_end(trained, capsys):
     assert sum(r["status"] == "ok" for r in records) == stored["achieved"]["n_accepted"]
     for name in ("report.md", "confusion_gate.png", "reliability_gate.png", "risk_coverage.png"):
         assert (root / "ev" / name).stat().st_size > 1000
-    from hierarchy.pipeline import load_pipeline
-    from hierarchy.router import Router
+    from hierarchy.engine.pipeline import load_pipeline
+    from hierarchy.engine.router import Router
 
     fixed = Router.from_pipeline(load_pipeline(gate_pipeline(root / "fixed.yaml", run, "0.42")), device="cpu")
     assert fixed.stages["gate"].threshold == 0.42  # a number overrides the stored threshold

@@ -17,12 +17,16 @@ import torch
 from fakes import solid
 from PIL import Image
 
-from hierarchy import decode, optimize, perf, predict, resnet
-from hierarchy.data import Sample
-from hierarchy.models import create_model
-from hierarchy.predict import TorchPredictor, select_precision
-from hierarchy.preset import Preset
-from hierarchy.synth import _lesion_shape, _rng, _scene, skin_image
+from hierarchy.data import decode
+from hierarchy.models import optimize
+from hierarchy.core import perf
+from hierarchy.engine import torch_backend as predict
+from hierarchy.models import resnet
+from hierarchy.data.labelled import Sample
+from hierarchy.models.backbones import create_model
+from hierarchy.engine.torch_backend import TorchPredictor, select_precision
+from hierarchy.data.preset import Preset
+from hierarchy.data.synth import _lesion_shape, _rng, _scene, skin_image
 
 SIZE = 32
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:torchvision.*")
@@ -63,7 +67,7 @@ def test_decode_is_within_1_255_of_the_reference_preset(tmp_path: Path, decoder:
 
 
 def test_decode_errors_stay_typed(tmp_path: Path) -> None:
-    from hierarchy.errors import ImageError
+    from hierarchy.core.errors import ImageError
 
     good = photo(tmp_path / "ok.jpg", (80, 60), 0).read_bytes()
     (tmp_path / "cut.jpg").write_bytes(good[: len(good) // 2])
@@ -129,8 +133,8 @@ def test_native_resnet_matches_torchvision_and_folds_the_same_pairs(model: torch
 
 def test_outputs_keep_input_order_under_random_decode_delays(fake_stages, tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    from hierarchy.pipeline import parse_pipeline
-    from hierarchy.router import Router
+    from hierarchy.engine.pipeline import parse_pipeline
+    from hierarchy.engine.router import Router
 
     colours = [(250, 10, 10), (10, 250, 10), (10, 10, 250)]
     paths = [solid(tmp_path / f"{i:03d}.png", colours[i % 3]) for i in range(40)]
@@ -165,7 +169,7 @@ def _manifest(tmp_path: Path, n: int) -> tuple[Path, list[Sample]]:
 
 
 def test_cache_is_built_once_and_invalidated_on_manifest_or_size_change(tmp_path: Path) -> None:
-    from hierarchy.cache import CACHE_DIR, load_or_build
+    from hierarchy.data.cache import CACHE_DIR, load_or_build
 
     data, samples = _manifest(tmp_path, 6)
     first = load_or_build(data, samples, SIZE, "train")
@@ -185,7 +189,7 @@ def test_cache_is_built_once_and_invalidated_on_manifest_or_size_change(tmp_path
 
 
 def test_cache_marks_unreadable_images(tmp_path: Path) -> None:
-    from hierarchy.cache import load_or_build
+    from hierarchy.data.cache import load_or_build
 
     data, samples = _manifest(tmp_path, 3)
     samples[1].path.write_bytes(b"not an image")
@@ -206,7 +210,7 @@ def _train(data: Path, out: Path, **train: object) -> dict[str, str]:
 def test_cached_training_gives_the_plain_validation_accuracy(tmp_path: Path) -> None:
     """The fast path (cache, threads, precision auto: bf16 autocast + channels_last on capable CPUs)
     against the plain one (decode every epoch, single-process loader, fp32), same data and seed."""
-    from hierarchy.synth import make_image_folder
+    from hierarchy.data.synth import make_image_folder
 
     for split, n in (("train", 16), ("val", 8)):
         make_image_folder(tmp_path / "data" / split, ["skin", "non-skin"], n_per_label=n, size=(72, 54), seed=len(split))
@@ -231,7 +235,7 @@ def test_allocator_settings_apply_and_can_be_opted_out(monkeypatch: pytest.Monke
 
 
 def _checkpoint(run: Path, model: torch.nn.Module) -> None:
-    from hierarchy.checkpoint import CheckpointMetadata, save_weights, write_metadata
+    from hierarchy.models.checkpoint import CheckpointMetadata, save_weights, write_metadata
 
     save_weights(run / "best.safetensors", model)
     arch = {"backbone": "resnet18", "library": "torchvision", "num_classes": 2}
@@ -280,7 +284,7 @@ def test_background_torchvision_import_leaves_decoding_to_pil_until_it_is_done(m
 
 
 def test_only_long_torch_runs_import_torchvision(monkeypatch: pytest.MonkeyPatch) -> None:
-    from hierarchy import router
+    from hierarchy.engine import router
 
     started = []
     monkeypatch.setattr(decode, "enable_torchvision_decoder", lambda background=False: started.append(background) or "t")

@@ -1,4 +1,4 @@
-"""Mutation fuzzing of hierarchy.imageio.load_image.
+"""Mutation fuzzing of hierarchy.data.imageio.load_image.
 
 Contract under test: every call returns an RGB image or raises ImageError, nothing else.
 The default suite runs ~60 mutants in-process; ``-m slow`` runs 600 mutants, each in a
@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 from PIL import Image, features
 
-from hierarchy.errors import ImageError
-from hierarchy.imageio import load_image
+from hierarchy.core.errors import ImageError
+from hierarchy.data.imageio import load_image
 
 ERROR_TYPES = frozenset(
     {"not_found", "not_a_file", "unreadable", "empty", "too_large", "unsupported_format", "undecodable",
@@ -178,8 +178,8 @@ def test_mutants_are_deterministic(tmp_path: Path) -> None:
 
 WORKER_CODE = r"""
 import json, os, sys, time
-from hierarchy.errors import ImageError
-from hierarchy.imageio import load_image
+from hierarchy.core.errors import ImageError
+from hierarchy.data.imageio import load_image
 sys.stdout.write("ready\n"); sys.stdout.flush()
 for line in sys.stdin:
     hex_path, draft = line.split()

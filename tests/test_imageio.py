@@ -1,4 +1,4 @@
-"""Catalogue of good and bad inputs for hierarchy.imageio. Every file is generated in tmp_path."""
+"""Catalogue of good and bad inputs for hierarchy.data.imageio. Every file is generated in tmp_path."""
 from __future__ import annotations
 
 import errno
@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile, PngImagePlugin, features
 
-import hierarchy.imageio as imageio
-from hierarchy.errors import ImageError
-from hierarchy.imageio import (
+import hierarchy.data.imageio as imageio
+from hierarchy.core.errors import ImageError
+from hierarchy.data.imageio import (
     ALLOWED_FORMATS,
     BACKGROUND,
     DEFAULT_MAX_BYTES,

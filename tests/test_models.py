@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from hierarchy import models
-from hierarchy.checkpoint import save_weights
-from hierarchy.errors import CheckpointError, PretrainedWeightsError, UnknownBackboneError
-from hierarchy.models import (
+from hierarchy.models import backbones as models
+from hierarchy.models.checkpoint import save_weights
+from hierarchy.core.errors import CheckpointError, PretrainedWeightsError, UnknownBackboneError
+from hierarchy.models.backbones import (
     classifier_module,
     create_model,
     features_and_logits,

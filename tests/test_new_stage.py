@@ -14,7 +14,7 @@ import pytest
 from local_dist import pip_install_target, run_pytest
 from plugin_dist import hierarchy_cli
 
-from hierarchy.cli import main
+from hierarchy.commands.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 GENERATED = ["README.md", "hierarchy_acne_type/__init__.py", "hierarchy_acne_type/plugin.py", "pyproject.toml",
@@ -72,7 +72,7 @@ def test_existing_dir_is_kept_unless_force(tmp_path, capsys):
 
 
 def test_a_failed_write_leaves_the_old_tree(tmp_path, monkeypatch):
-    from hierarchy import scaffold
+    from hierarchy.commands import _scaffold as scaffold
 
     target = tmp_path / "pkg"
     target.mkdir()
@@ -104,13 +104,13 @@ def test_templates_ship_in_a_regular_install(tmp_path):
                     "-w", str(tmp_path / "dist"), str(src)], check=True, capture_output=True)
     wheel = next((tmp_path / "dist").glob("hierarchy-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
-    templates = {n for n in names if n.startswith("hierarchy/templates/new_stage/")}
+    templates = {n for n in names if n.startswith("hierarchy/commands/templates/new_stage/")}
     assert {t.rsplit("/", 1)[-1] for t in templates} == {
         "README.md.tmpl", "pyproject.toml.tmpl", "__init__.py.tmpl", "plugin.py.tmpl", "test_plugin.py.tmpl"}
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target",
                     str(tmp_path / "site"), str(wheel)], check=True, capture_output=True)
     code = ("import hierarchy, sys; print(hierarchy.__file__); "
-            "sys.exit(__import__('hierarchy.cli').cli.main(sys.argv[1:]))")
+            "from hierarchy.commands.cli import main; sys.exit(main(sys.argv[1:]))")
     proc = subprocess.run([sys.executable, "-c", code, "new-stage", "acne_type", "--dir", str(tmp_path / "out")],
                           capture_output=True, text=True, cwd=tmp_path,  # not the repo: its hierarchy/ would shadow
                           env={**os.environ, "PYTHONPATH": str(tmp_path / "site")})

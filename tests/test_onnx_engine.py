@@ -17,10 +17,11 @@ import numpy as np
 import pytest
 import torch
 
-from hierarchy import ood, ood_numpy
-from hierarchy.cli import main
-from hierarchy.errors import EngineError, ExportError
-from hierarchy.preset import Preset
+from hierarchy.ood import fit as ood
+from hierarchy.ood import scores as ood_numpy
+from hierarchy.commands.cli import main
+from hierarchy.core.errors import EngineError, ExportError
+from hierarchy.data.preset import Preset
 
 LABELS = ["skin", "non-skin"]
 SIZE = 32
@@ -41,7 +42,7 @@ def make_exported(root: Path) -> Path:
     """A 1-step run dir (temperature, threshold, knn OOD) exported with `hierarchy export`."""
     from stages.skin_vs_nonskin.plugin import SkinVsNonskin
 
-    from hierarchy.synth import make_image_folder
+    from hierarchy.data.synth import make_image_folder
 
     make_image_folder(root / "data" / "train", LABELS, n_per_label=8, size=(40, 30), seed=0)
     make_image_folder(root / "data" / "val", LABELS, n_per_label=6, size=(40, 30), seed=1)
@@ -60,7 +61,7 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 def make_images(root: Path) -> list[Path]:
     """Generated photos and OOD textures (not the val images the thresholds were tuned on), plus a bad file."""
-    from hierarchy.synth import make_image_folder, make_ood
+    from hierarchy.data.synth import make_image_folder, make_ood
 
     photos = sorted(make_image_folder(root / "photos", LABELS, n_per_label=3, size=(40, 30), seed=5).rglob("*.jpg"))
     textures = sorted(make_ood(root / "textures", n=3, size=(40, 30), seed=9).glob("*.jpg"))
@@ -121,7 +122,7 @@ def test_numpy_ood_scores_equal_the_torch_scores(tmp_path: Path) -> None:
 
 
 def test_numpy_scorer_refuses_missing_or_foreign_statistics(tmp_path: Path) -> None:
-    from hierarchy.errors import CheckpointError
+    from hierarchy.core.errors import CheckpointError
 
     with pytest.raises(CheckpointError, match="missing"):
         ood_numpy.load_numpy_scorer({"method": "knn", "file": ood.OOD_FILE}, tmp_path)
@@ -142,7 +143,7 @@ def test_numpy_normalisation_equals_the_torch_one() -> None:
 
 
 def test_export_writes_a_verified_onnx_file_and_records_it(exported: Path) -> None:
-    from hierarchy.fsutil import sha256_file
+    from hierarchy.core.fsutil import sha256_file
 
     entry = json.loads((exported / "metadata.json").read_text())["export"]["best.onnx"]
     assert entry["sha256"] == sha256_file(exported / "best.onnx")
@@ -155,7 +156,7 @@ def test_export_writes_a_verified_onnx_file_and_records_it(exported: Path) -> No
 
 def test_export_that_fails_verification_writes_nothing(exported: Path, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    from hierarchy import export
+    from hierarchy.engine import export
 
     monkeypatch.setattr(export, "TOLERANCE", -1.0)  # any difference, even 0, fails
     before = (exported / "metadata.json").read_text()
@@ -203,9 +204,9 @@ def test_onnx_engine_matches_torch_labels(exported: Path, images: list[Path], tm
 def test_onnx_engine_matches_torch_through_the_api(exported: Path, images: list[Path]) -> None:
     from stages.skin_vs_nonskin.plugin import SkinVsNonskin
 
-    from hierarchy.decode import decode_arrays
-    from hierarchy.pipeline import parse_pipeline
-    from hierarchy.router import Router
+    from hierarchy.data.decode import decode_arrays
+    from hierarchy.engine.pipeline import parse_pipeline
+    from hierarchy.engine.router import Router
 
     stage = SkinVsNonskin()
     theirs = stage.load_predictor(exported, device="cpu", precision="fp32")
@@ -236,8 +237,8 @@ def test_run_engine_onnx_never_imports_torch(exported: Path, images: list[Path],
         "            sys.stderr.write(f'BLOCKED {name}\\n')\n"
         "            raise ImportError(f'{name} is blocked by this test')\n"
         "sys.meta_path.insert(0, Block())\n"
-        "from hierarchy import perf\n"
-        "from hierarchy.cli import main\n"
+        "from hierarchy.core import perf\n"
+        "from hierarchy.commands.cli import main\n"
         "rc = main(sys.argv[1:])\n"
         "sys.stderr.write(f\"MALLOC {perf._applied.get('malloc')}\\n\")\n"
         "sys.exit(rc)\n")
@@ -261,7 +262,7 @@ def test_stale_missing_or_replaced_exports_are_refused(exported: Path, images: l
                                                        capsys: pytest.CaptureFixture) -> None:
     from safetensors.torch import load_file
 
-    from hierarchy.checkpoint import save_weights
+    from hierarchy.models.checkpoint import save_weights
 
     run = tmp_path / "run"
     shutil.copytree(exported, run, ignore=shutil.ignore_patterns("best.onnx"))
@@ -317,8 +318,8 @@ def test_plugin_predictor_without_engine_support_is_a_config_error(fake_stages, 
 def test_router_hands_numpy_batches_to_numpy_predictors(fake_stages, tmp_path: Path) -> None:
     from fakes import FakePredictor, solid
 
-    from hierarchy.pipeline import parse_pipeline
-    from hierarchy.router import LoadedStage, Router
+    from hierarchy.engine.pipeline import parse_pipeline
+    from hierarchy.engine.router import LoadedStage, Router
 
     seen: list[type] = []
 

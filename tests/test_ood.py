@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from hierarchy import ood
-from hierarchy.errors import CheckpointError
-from hierarchy.metrics import ood_auroc
-from hierarchy.stage import Prediction
+from hierarchy.ood import fit as ood
+from hierarchy.core.errors import CheckpointError
+from hierarchy.metrics.classification import ood_auroc
+from hierarchy.config.stage import Prediction
 
 D = 16
 
@@ -194,9 +194,9 @@ def test_unknown_or_unfitted_method_is_refused() -> None:
 
 
 def test_predictor_scores_from_the_same_forward_pass(tmp_path: Path) -> None:
-    from hierarchy.models import create_model
-    from hierarchy.predict import TorchPredictor
-    from hierarchy.preset import Preset
+    from hierarchy.models.backbones import create_model
+    from hierarchy.engine.torch_backend import TorchPredictor
+    from hierarchy.data.preset import Preset
 
     torch.manual_seed(0)
     model = create_model("resnet18", 2)[0].eval()
@@ -226,7 +226,7 @@ def test_metadata_entry_is_plain_json() -> None:
 def test_fitting_can_be_turned_off() -> None:
     from types import SimpleNamespace
 
-    from hierarchy.train_config import TrainConfig
+    from hierarchy.config.train import TrainConfig
 
     assert ood.fit_for_run(SimpleNamespace(cfg=TrainConfig(ood=False)), None) == {}  # type: ignore[arg-type]
 
@@ -238,7 +238,7 @@ class ScoredPredictor:
     """Labels ('a', 'b') with confidence 0.9 for 'a'; OOD score = mean red channel; counts images."""
 
     def __init__(self, stored_threshold: float | None = None):
-        from hierarchy.preset import Preset
+        from hierarchy.data.preset import Preset
 
         self.labels, self.preset, self.seen = ["a", "b"], Preset(size=8), 0
         self.metadata = {"ood": None if stored_threshold is None else {"threshold": stored_threshold}}
@@ -262,8 +262,8 @@ stages:
 def route(ood_value: str, reds: list[int], stored: float | None = 0.5) -> tuple[list[dict], ScoredPredictor]:
     from PIL import Image
 
-    from hierarchy.pipeline import parse_pipeline
-    from hierarchy.router import Decoded, LoadedStage, Router, resolve_ood
+    from hierarchy.engine.pipeline import parse_pipeline
+    from hierarchy.engine.router import Decoded, LoadedStage, Router, resolve_ood
 
     pipe = parse_pipeline(TWO_LEVEL.replace("OOD", ood_value), check_stages=False)
     gate, nxt = ScoredPredictor(stored), ScoredPredictor()
@@ -303,7 +303,7 @@ stages:
 @pytest.fixture(scope="module")
 def trained_gate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     """skin_vs_nonskin trained from scratch at 32 px on two kinds of generated image (one colour and
-    stripe pattern per label, hierarchy.synth.make_image_folder), default OOD settings. About 30 s
+    stripe pattern per label, hierarchy.data.synth.make_image_folder), default OOD settings. About 30 s
     on a busy shared 2-core machine. Over training seeds 0-2 knn rejected 92-100% of the textures.
 
     Generated HAM10000 vs COCO scenes are not used here: their "non-skin" is an open class of random
@@ -311,8 +311,8 @@ def trained_gate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, 
     (AUROC 0.68-0.94 over seeds, docs/ood.md), which would make this test flaky."""
     from registry import get_stage
 
-    from hierarchy.configs import load_stage_config
-    from hierarchy.synth import make_image_folder
+    from hierarchy.config.load import load_stage_config
+    from hierarchy.data.synth import make_image_folder
 
     root = tmp_path_factory.mktemp("ood_e2e")
     labels = ["skin", "non-skin"]
@@ -328,15 +328,15 @@ def trained_gate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, 
 
 
 def run_cli(pipe: Path, inputs: list[Path], out: Path) -> list[dict]:
-    from hierarchy.cli import main
+    from hierarchy.commands.cli import main
 
     assert main(["run", str(pipe), *map(str, inputs), "--format", "jsonl", "-o", str(out), "--device", "cpu"]) == 0
     return [json.loads(line) for line in out.read_text().splitlines()]
 
 
 def test_generated_textures_are_rejected_and_val_kept(trained_gate: tuple[Path, Path, Path], tmp_path: Path) -> None:
-    from hierarchy.data import load_samples
-    from hierarchy.synth import make_ood
+    from hierarchy.data.labelled import load_samples
+    from hierarchy.data.synth import make_ood
 
     run, pipe, data = trained_gate
     meta = json.loads((run / "metadata.json").read_text())["ood"]
@@ -354,8 +354,8 @@ def test_generated_textures_are_rejected_and_val_kept(trained_gate: tuple[Path, 
 
 
 def test_evaluate_with_ood_folder(trained_gate: tuple[Path, Path, Path], tmp_path: Path) -> None:
-    from hierarchy.cli import main
-    from hierarchy.synth import make_ood
+    from hierarchy.commands.cli import main
+    from hierarchy.data.synth import make_ood
 
     _, pipe, data = trained_gate
     textures = make_ood(tmp_path / "textures", n=24, size=(48, 36), seed=8)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from hierarchy import ood
+from hierarchy.ood import fit as ood
 
 pytestmark = pytest.mark.real_data
 
@@ -61,7 +61,7 @@ def gate(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     from conftest import SHARED_DATA
     from registry import get_stage
 
-    from hierarchy.configs import load_stage_config
+    from hierarchy.config.load import load_stage_config
 
     real_data = SHARED_DATA
     if not (real_data / "ham10000" / "HAM10000_metadata.csv").is_file():
@@ -83,7 +83,7 @@ def gate(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 def scores(predictor: Any, paths: list[Path], batch: int = 64) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """(features, {method: scores}) of image files through the run's predictor."""
-    from hierarchy.imageio import load_image
+    from hierarchy.data.imageio import load_image
 
     feats, logits = [], []
     for i in range(0, len(paths), batch):
@@ -103,8 +103,8 @@ def raw_mahalanobis(train: np.ndarray, y: np.ndarray, *feature_sets: np.ndarray)
 
 
 def test_real_near_and_far_ood(real_data: Path, gate: dict[str, Any], tmp_path: Path) -> None:
-    from hierarchy.data import load_samples
-    from hierarchy.synth import make_ood
+    from hierarchy.data.labelled import load_samples
+    from hierarchy.data.synth import make_ood
 
     meta = json.loads((gate["run"] / "metadata.json").read_text())["ood"]
     predictor = gate["stage"].load_predictor(gate["run"], device="cpu")
@@ -140,7 +140,7 @@ def test_real_near_and_far_ood(real_data: Path, gate: dict[str, Any], tmp_path: 
 
 
 def test_real_ood_through_hierarchy_run(real_data: Path, gate: dict[str, Any], tmp_path: Path) -> None:
-    from hierarchy.cli import main
+    from hierarchy.commands.cli import main
 
     med = medical_images(tmp_path / "medical", crops=3)
     out = tmp_path / "recs.jsonl"

@@ -15,8 +15,8 @@ import pytest
 import torch
 from test_onnx_engine import SIZE, make_exported, make_images
 
-from hierarchy.errors import EngineError
-from hierarchy.openvino_predictor import select_precision
+from hierarchy.core.errors import EngineError
+from hierarchy.engine.openvino_backend import select_precision
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def test_openvino_precision_follows_the_cpu(caplog: pytest.LogCaptureFixture) ->
 def test_openvino_engine_agrees_with_torch_in_its_own_precision(exported: Path, images: list[Path]) -> None:
     from stages.skin_vs_nonskin.plugin import SkinVsNonskin
 
-    from hierarchy.decode import decode_arrays
+    from hierarchy.data.decode import decode_arrays
 
     stage = SkinVsNonskin()
     ours = stage.load_predictor(exported, device="cpu", precision="auto", engine="openvino")

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from hierarchy.errors import ConfigError
-from hierarchy.pipeline import load_pipeline, parse_pipeline
+from hierarchy.core.errors import ConfigError
+from hierarchy.engine.pipeline import load_pipeline, parse_pipeline
 
 GOOD = """\
 name: ok

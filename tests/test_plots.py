@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hierarchy import metrics as m
-from hierarchy import plots
+from hierarchy.metrics import classification as m
+from hierarchy.metrics import plots
 
 
 def _check_png(path, min_size=(300, 200)):
@@ -83,7 +83,7 @@ def test_plot_overwrites_existing_file(tmp_path):
 
 def test_plots_leave_no_pyplot_state(tmp_path):
     code = (
-        "import sys; from hierarchy import plots\n"
+        "import sys; from hierarchy.metrics import plots\n"
         "assert 'matplotlib' not in sys.modules  # nothing imported at module level\n"
         f"plots.plot_score_histogram([0.1, 0.2], [0.9], {str(tmp_path / 'h.png')!r})\n"
         "print('matplotlib.pyplot' in sys.modules)\n"

@@ -23,9 +23,9 @@ def plugin_module(api: object | None) -> types.ModuleType:
 
 
 def test_incompatible_api_is_refused_with_a_clear_error(no_autoload, tmp_path):
-    from hierarchy.errors import ConfigError, UnknownStageError
-    from hierarchy.pipeline import load_pipeline
-    from hierarchy.stage import PLUGIN_API_VERSION
+    from hierarchy.core.errors import ConfigError, UnknownStageError
+    from hierarchy.engine.pipeline import load_pipeline
+    from hierarchy.config.stage import PLUGIN_API_VERSION
     from registry import get_registry, get_stage, register_plugin
 
     register_plugin(plugin_module(PLUGIN_API_VERSION + 1), name="wounds")
@@ -51,7 +51,7 @@ def test_only_the_exact_version_is_accepted(no_autoload, api):
 
 @pytest.mark.parametrize("api", [None, "current"])
 def test_current_or_undeclared_version_registers(no_autoload, api):
-    from hierarchy.stage import PLUGIN_API_VERSION
+    from hierarchy.config.stage import PLUGIN_API_VERSION
     from registry import get_registry, get_stage, register_plugin
 
     register_plugin(plugin_module(PLUGIN_API_VERSION if api else None), name="wounds")
@@ -67,8 +67,8 @@ def declared_api(source: str) -> object:
 
 
 def test_shipped_and_generated_plugins_declare_the_current_version(tmp_path):
-    from hierarchy.scaffold import render, validate
-    from hierarchy.stage import PLUGIN_API_VERSION
+    from hierarchy.commands._scaffold import render, validate
+    from hierarchy.config.stage import PLUGIN_API_VERSION
 
     modules = [REPO / "stages" / "skin_vs_nonskin" / "plugin.py",
                *(REPO / "examples" / "hierarchy-ham10000" / "hierarchy_ham10000").glob("[!_]*.py")]

@@ -128,7 +128,7 @@ def test_load_plugins_is_idempotent(no_autoload):
 
 
 def test_unknown_stage_message_lists_known(fake_stages):
-    from hierarchy.errors import UnknownStageError
+    from hierarchy.core.errors import UnknownStageError
     from registry import get_stage
 
     with pytest.raises(UnknownStageError, match=r"Unknown stage 'x'; known: fake_blue \(from package fakes\)"):

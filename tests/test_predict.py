@@ -9,13 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
-from hierarchy import predict
-from hierarchy.checkpoint import CheckpointMetadata, save_weights, update_metadata, write_metadata
-from hierarchy.errors import HierarchyError
-from hierarchy.models import create_model
-from hierarchy.predict import TorchPredictor, load_predictor, select_device, select_precision
-from hierarchy.preset import Preset
-from hierarchy.stage import Stage
+from hierarchy.engine import torch_backend as predict
+from hierarchy.models.checkpoint import CheckpointMetadata, save_weights, update_metadata, write_metadata
+from hierarchy.core.errors import HierarchyError
+from hierarchy.models.backbones import create_model
+from hierarchy.engine.torch_backend import TorchPredictor, load_predictor, select_device, select_precision
+from hierarchy.data.preset import Preset
+from hierarchy.config.stage import Stage
 
 LABELS = ("skin", "not_skin", "unsure")
 SIZE = 32

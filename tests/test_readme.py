@@ -43,7 +43,7 @@ def test_readme_plugin_example_installs_and_registers(tmp_path):
     stages = {s["name"]: s for s in json.loads(proc.stdout)["stages"]}
     assert stages["wound_type"]["labels"] == ["burn", "ulcer", "laceration"]
     assert stages["wound_type"]["dist"] == "hierarchy-wounds"
-    code = ("from hierarchy_wounds.plugin import WoundType; from hierarchy.configs import load_stage_config; "
+    code = ("from hierarchy_wounds.plugin import WoundType; from hierarchy.config.load import load_stage_config; "
             "print(load_stage_config(WoundType).dataset.sources[0].root)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(site)}).stdout

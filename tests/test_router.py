@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 from fakes import solid
 
-from hierarchy.pipeline import parse_pipeline
-from hierarchy.router import Router
+from hierarchy.engine.pipeline import parse_pipeline
+from hierarchy.engine.router import Router
 
 RED, GREEN, BLUE = (250, 10, 10), (10, 250, 10), (10, 10, 250)
 YELLOW = (250, 250, 10)  # red and light
@@ -131,7 +131,7 @@ def test_router_stage_failure_becomes_error_records(fake_stages, tmp_path, monke
 
 
 def test_threshold_auto_without_stored_value_is_config_error(fake_stages):
-    from hierarchy.errors import ConfigError
+    from hierarchy.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="stages.color.threshold"):
         make_router(TWO_LEVEL.replace("stage: fake_color\n", "stage: fake_color\n    threshold: auto\n"))

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from hierarchy.cli import main
+from hierarchy.commands.cli import main
 
 pytestmark = pytest.mark.real_data
 

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from hierarchy.cli import main
+from hierarchy.commands.cli import main
 
 TINY = ["--pretrained", "none", "--img-size", "32", "--batch-size", "8", "--max-steps", "2"]
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    from hierarchy.synth import make_coco, make_ham10000
+    from hierarchy.data.synth import make_coco, make_ham10000
 
     root = tmp_path_factory.mktemp("skin")
     ham = make_ham10000(root / "HAM10000", n_lesions=10, size=(48, 36), seed=1)
@@ -84,7 +84,7 @@ def test_second_run_gets_new_directory(dataset, run_dir):
 
 
 def test_offline_imagenet_pretrained_names_file_and_alternatives(dataset, tmp_path, monkeypatch, capsys):
-    import hierarchy.models as models
+    import hierarchy.models.backbones as models
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
     monkeypatch.setattr(models, "_probe", lambda *a, **k: False, raising=False)  # simulate no network
@@ -97,8 +97,8 @@ def test_offline_imagenet_pretrained_names_file_and_alternatives(dataset, tmp_pa
 
 
 def test_predictor_refuses_checkpoint_of_other_stage(run_dir, tmp_path):
-    from hierarchy.errors import CheckpointError
-    from hierarchy.stage import Stage
+    from hierarchy.core.errors import CheckpointError
+    from hierarchy.config.stage import Stage
 
     class Other(Stage):
         name = "other_stage"
@@ -115,7 +115,7 @@ def test_predictor_refuses_checkpoint_of_other_stage(run_dir, tmp_path):
 
 
 def test_config_file_mirrors_defaults():
-    from hierarchy.configs import load_stage_config
+    from hierarchy.config.load import load_stage_config
     from registry import get_stage
 
     cls = get_stage("skin_vs_nonskin")
@@ -143,7 +143,7 @@ def test_build_dataset_flags_keep_the_stage_sources(dataset, tmp_path):
 
 
 def test_train_survives_a_last_batch_of_one(tmp_path):
-    from hierarchy.synth import make_image_folder
+    from hierarchy.data.synth import make_image_folder
 
     for split, n in (("train", 5), ("val", 2)):
         make_image_folder(tmp_path / "data" / split, ["skin", "non-skin"], n_per_label=n, size=(32, 32))
@@ -151,6 +151,6 @@ def test_train_survives_a_last_batch_of_one(tmp_path):
     assert main(["train", "skin_vs_nonskin", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "runs"),
                  "--pretrained", "none", "--img-size", "32", "--batch-size", "3", "--epochs", "1"]) == 0
     meta = json.loads((tmp_path / "runs" / "skin_vs_nonskin" / "train" / "metadata.json").read_text())
-    from hierarchy.predict import cpu_supports_bf16
+    from hierarchy.engine.torch_backend import cpu_supports_bf16
 
     assert meta["precision"] == ("bf16" if cpu_supports_bf16() else "fp32")  # auto: bf16 autocast where native

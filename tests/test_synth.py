@@ -1,4 +1,4 @@
-"""Synthetic data generators (hierarchy.synth) write the real formats, deterministically."""
+"""Synthetic data generators (hierarchy.data.synth) write the real formats, deterministically."""
 from __future__ import annotations
 
 import contextlib
@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hierarchy import synth
-from hierarchy.imageio import load_image
+from hierarchy.data import synth
+from hierarchy.data.imageio import load_image
 
 
 def files(root: Path) -> dict[str, bytes]:

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from hierarchy.cli import main
+from hierarchy.commands.cli import main
 from hierarchy.commands.train import threshold_target
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from hierarchy.synth import make_image_folder
+    from hierarchy.data.synth import make_image_folder
 
     root = tmp_path_factory.mktemp("train-cli")
     for split, n in (("train", 6), ("val", 4)):

@@ -1,4 +1,4 @@
-"""Training precision, memory format and fp16 loss scaling (hierarchy.train), without timing anything."""
+"""Training precision, memory format and fp16 loss scaling (hierarchy.train.trainer), without timing anything."""
 from __future__ import annotations
 
 import math
@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import hierarchy.predict as predict
-from hierarchy import train
+import hierarchy.engine.torch_backend as predict
+from hierarchy.train import trainer as train
 
 
 def tiny() -> tuple[torch.nn.Module, torch.optim.Optimizer]:

@@ -1,6 +1,6 @@
 """Static audits of the package source, and checkpoint-loading guarantees not covered by test_checkpoint.py.
 
-* every file write in hierarchy/, registry/, stages/ goes through hierarchy/fsutil.py (atomic: temp
+* every file write in hierarchy/, registry/, stages/ goes through hierarchy/core/fsutil.py (atomic: temp
   file + fsync + os.replace), or is a library writer wrapped in ``atomic_write_with``;
 * every ``torch.load`` / hub loader passes ``weights_only=True`` literally;
 * ``load_train_state`` calls ``torch.load`` once, with ``weights_only=True``, and never retries unsafely;
@@ -25,7 +25,7 @@ WRITE_METHODS = {"write_text", "write_bytes", "savefig", "save_file", "copy", "c
 LOADERS = {"load", "load_state_dict_from_url", "load_url"}  # torch.load, torch.hub.*
 # (file, function) -> why a plain write there is still all-or-nothing
 ALLOWED = {
-    ("hierarchy/scaffold.py", "write_package"): "writes into a private mkdtemp() directory that is then "
+    ("hierarchy/commands/_scaffold.py", "write_package"): "writes into a private mkdtemp() directory that is then "
                                                 "renamed into place as a whole",
 }
 
@@ -106,7 +106,7 @@ def non_atomic_writes(path: Path) -> list[str]:
 
 def test_every_file_write_is_atomic() -> None:
     found = [hit for path in sources() if path.name != "fsutil.py" for hit in non_atomic_writes(path)]
-    assert found == [], "writes that bypass hierarchy/fsutil.py:\n" + "\n".join(found)
+    assert found == [], "writes that bypass hierarchy/core/fsutil.py:\n" + "\n".join(found)
 
 
 def test_the_audit_catches_plain_writes(tmp_path: Path) -> None:
@@ -166,8 +166,8 @@ class _Exploit:
 @pytest.mark.parametrize("kind", ["good", "malicious", "garbage"])
 def test_load_train_state_never_falls_back_to_weights_only_false(tmp_path: Path, monkeypatch, capsys,
                                                                  kind: str) -> None:
-    from hierarchy.checkpoint import load_train_state
-    from hierarchy.errors import CheckpointError
+    from hierarchy.models.checkpoint import load_train_state
+    from hierarchy.core.errors import CheckpointError
 
     path = tmp_path / "train_state.pt"
     if kind == "garbage":

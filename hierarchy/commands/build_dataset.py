@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
 
     from registry import get_stage
 
-    from ..configs import load_stage_config, parse_source_roots
+    from hierarchy.config.load import load_stage_config, parse_source_roots
 
     cls = get_stage(args.stage)
     config = load_stage_config(cls, args.config, dataset={"seed": args.seed, "materialize": args.materialize})

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import add_inference_options
+from hierarchy.commands import add_inference_options
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -33,7 +33,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def target_from_args(args: argparse.Namespace) -> dict | None:
     """The target the flags ask for (None = use the run's default); raises ConfigError on misuse."""
-    from ..errors import ConfigError
+    from hierarchy.core.errors import ConfigError
 
     if args.label is not None and args.target_precision is None:
         raise ConfigError("command line", ["--label only applies to --target-precision"])
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from ..calibrate import calibrate_run, render
+    from hierarchy.evaluate.calibrate import calibrate_run, render
 
     summary = calibrate_run(Path(args.run_dir), Path(args.data), split=args.split, target=target_from_args(args),
                             refit_temperature=args.temperature, device=args.device, precision=args.precision,

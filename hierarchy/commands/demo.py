@@ -18,6 +18,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ..demo import FULL, SMALL, run_demo
+    from hierarchy.commands._demo import FULL, SMALL, run_demo
 
     return run_demo(Path(args.out), SMALL if args.small else FULL, device=args.device)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import add_inference_options
+from hierarchy.commands import add_inference_options
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -33,9 +33,9 @@ def run(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from ..evaluate import evaluate
-    from ..evaluate_report import safe_name, summary_table, write_evaluation
-    from ..pipeline import load_pipeline
+    from hierarchy.evaluate.runner import evaluate
+    from hierarchy.evaluate.report import safe_name, summary_table, write_evaluation
+    from hierarchy.engine.pipeline import load_pipeline
 
     pipe = load_pipeline(args.pipeline)
     ev = evaluate(pipe, Path(args.data), split=args.split, batch_size=args.batch_size, device=args.device,
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(summary_table(ev.report, out))
         if ev.report.get("ood"):
-            from ..ood_eval import ood_summary_line
+            from hierarchy.evaluate.ood import ood_summary_line
 
             print(ood_summary_line(ev.report))
     print(f"wrote {out}", file=sys.stderr)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import positive_int
+from hierarchy.commands import positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -26,7 +26,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from ..export import DEFAULT_OPSET, export
+    from hierarchy.engine.export import DEFAULT_OPSET, export
 
     done = export(args.target, out=args.out, opset=args.opset or DEFAULT_OPSET, checkpoint=args.checkpoint)
     if args.format == "json":

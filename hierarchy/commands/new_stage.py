@@ -22,7 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ..scaffold import parse_labels, validate, write_package
+    from hierarchy.commands._scaffold import parse_labels, validate, write_package
 
     spec = validate(args.name, parse_labels(args.labels))
     target = Path(args.dir) if args.dir else Path(spec.dist)

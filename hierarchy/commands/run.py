@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import add_inference_options
+from hierarchy.commands import add_inference_options
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -26,10 +26,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..inputs import expand_inputs
-    from ..output import open_output, write_records
-    from ..pipeline import load_pipeline
-    from ..router import Router
+    from hierarchy.data.inputs import expand_inputs
+    from hierarchy.engine.output import open_output, write_records
+    from hierarchy.engine.pipeline import load_pipeline
+    from hierarchy.engine.router import Router
 
     pipe = load_pipeline(args.pipeline)
     router = Router.from_pipeline(pipe, device=args.device, precision=args.precision, engine=args.engine)

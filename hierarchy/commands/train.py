@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
 
     from registry import get_stage
 
-    from ..configs import load_stage_config
+    from hierarchy.config.load import load_stage_config
 
     cls = get_stage(args.stage)
     overrides = {k: getattr(args, k) for k in TRAIN_FLAGS}

@@ -13,7 +13,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..pipeline import load_pipeline
+    from hierarchy.engine.pipeline import load_pipeline
 
     pipe = load_pipeline(args.pipeline)
     print(f"ok: pipeline '{pipe.name}' with {len(pipe.stages)} stage(s): {' -> '.join(pipe.depth_order())}")

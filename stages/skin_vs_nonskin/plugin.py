@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from hierarchy.dataset_config import CocoSource, DatasetConfig, Ham10000Source
-from hierarchy.stage import Stage, StageConfig
+from hierarchy.config.dataset import CocoSource, DatasetConfig, Ham10000Source
+from hierarchy.config.stage import Stage, StageConfig
 from registry import hookimpl
 
 HIERARCHY_PLUGIN_API = 1

@@ -10,8 +10,8 @@ from typing import Callable
 
 from pydantic import Field
 
-from hierarchy.dataset_config import DatasetConfig, Ham10000Source
-from hierarchy.stage import Stage, StageConfig
+from hierarchy.config.dataset import DatasetConfig, Ham10000Source
+from hierarchy.config.stage import Stage, StageConfig
 from registry import hookimpl
 
 HIERARCHY_PLUGIN_API = 1

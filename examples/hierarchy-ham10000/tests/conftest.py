@@ -25,7 +25,7 @@ def ham_stages(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 @pytest.fixture(scope="session")
 def ham_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """HAM10000-format metadata + JPEGs (synthetic pixels), several lesions of every dx."""
-    from hierarchy.synth import DX_STYLE, make_ham10000
+    from hierarchy.data.synth import DX_STYLE, make_ham10000
 
     root = tmp_path_factory.mktemp("ham") / "HAM10000"
     return make_ham10000(root, n_lesions=42, max_images_per_lesion=3, size=(32, 24), seed=3,

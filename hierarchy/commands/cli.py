@@ -1,0 +1,67 @@
+"""The ``hierarchy`` command line. Commands are thin: parse, call the library, render.
+
+Each command lives in ``hierarchy/commands/<name>.py`` with ``add_parser(subparsers)``; heavy
+libraries (torch, torchvision, matplotlib) are imported only inside the command that needs them,
+so ``hierarchy --help`` and ``hierarchy validate`` stay fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import Sequence
+
+from hierarchy import __version__
+from hierarchy.core.errors import ConfigError, HierarchyError
+from hierarchy.core.perf import tune_for_command
+
+COMMANDS = ("run", "validate", "stages", "build_dataset", "train", "evaluate", "calibrate", "export", "demo",
+            "new_stage")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hierarchy", description="Hierarchical image classification: chain classifier stages, "
+        "route each image by predicted label, abstain when unsure.")
+    parser.add_argument("--version", action="version", version=f"hierarchy {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging on stderr")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"hierarchy.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"hierarchy.commands.{name}":
+                raise
+            continue  # command not built into this version
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return 2
+    level = logging.WARNING if args.quiet else (logging.DEBUG if args.verbose > 1 else logging.INFO)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    tune_for_command(args.command)  # allocator thresholds, before torch allocates anything
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except HierarchyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return getattr(exc, "exit_code", 1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0  # `hierarchy run ... | head` is normal use
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,300 @@
+"""The router: sends a batch of images through the cascade, level by level.
+
+Images sitting at the same stage are grouped and that stage's predictor is called once per group
+(chunked by batch size), never image by image. Every input yields exactly one record, in input order.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from hierarchy.core.errors import ConfigError, HierarchyError, ImageError
+from hierarchy.engine.pipeline import STOP, Pipeline
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from hierarchy.data.preset import Preset
+    from hierarchy.config.stage import Predictor
+
+log = logging.getLogger("hierarchy.router")
+
+ENGINES = ("torch", "onnx", "openvino")
+DEFAULT_ENGINE = "torch"
+
+
+@dataclass
+class LoadedStage:
+    id: str
+    stage_name: str
+    predictor: "Predictor"
+    threshold: float | None = None
+    ood_threshold: float | None = None
+
+
+@dataclass
+class Decoded:
+    """One input after decoding: the image (or the error) plus uint8 (3, S, S) arrays cached per
+    preset (numpy; torch tensors given by older callers are accepted too)."""
+
+    path: Path
+    image: "Image.Image | None" = None
+    error: HierarchyError | None = None
+    tensors: dict | None = None
+
+    def array(self, preset: "Preset") -> Any:
+        """The (3, S, S) uint8 numpy array for ``preset``: made at decode time, or now from ``image``."""
+        self.tensors = self.tensors or {}
+        key = preset_key(preset)
+        if key not in self.tensors:
+            if self.image is None:
+                raise HierarchyError(f"{self.path}: not decoded for size {preset.size}")
+            self.tensors[key] = preset.to_array(self.image)
+        value = self.tensors[key]
+        return value if isinstance(value, np.ndarray) else value.numpy()
+
+    def tensor(self, preset: "Preset") -> Any:
+        """The same pixels as a torch uint8 tensor (zero-copy; imports torch)."""
+        import torch
+
+        return torch.from_numpy(self.array(preset))
+
+
+def preset_key(preset: "Preset") -> tuple[int, str]:
+    """Presets that differ only in mean/std share their uint8 tensor (normalising is on device)."""
+    return (preset.size, preset.resize)
+
+
+def error_record(path: Path | str, err: HierarchyError) -> dict[str, Any]:
+    etype = getattr(err, "type", type(err).__name__)
+    message = getattr(err, "message", str(err))
+    return {"path": str(path), "status": "error", "label": None, "confidence": None, "stage": None,
+            "trace": [], "error": {"type": etype, "message": message}}
+
+
+class Router:
+    def __init__(self, pipeline: Pipeline, stages: dict[str, LoadedStage]):
+        self.pipeline = pipeline
+        self.stages = stages
+        self.order = pipeline.depth_order()
+
+    @classmethod
+    def from_pipeline(cls, pipeline: Pipeline, device: str = "auto", precision: str = "auto",
+                      engine: str = DEFAULT_ENGINE) -> "Router":
+        """Load every stage's predictor and resolve ``auto`` thresholds from checkpoint metadata.
+        ``engine`` other than ``"torch"`` is passed on to ``Stage.load_predictor(..., engine=...)``."""
+        from registry import get_stage
+
+        from hierarchy.config.stage import Stage
+
+        if engine not in ENGINES:
+            raise ConfigError("command line", [f"--engine: unknown engine {engine!r}; use {', '.join(ENGINES)}"])
+        loaded = {}
+        for sid in pipeline.depth_order():
+            node = pipeline.stages[sid]
+            weights = pipeline.weights_path(sid)
+            stage = get_stage(node.stage)()
+            if weights is None and type(stage).load_predictor is Stage.load_predictor:
+                raise ConfigError("pipeline", [f"stages.{sid}.weights: field required to run the pipeline"])
+            predictor = _load_predictor(sid, stage, weights, device, precision, engine)
+            loaded[sid] = LoadedStage(sid, node.stage, predictor, resolve_threshold(sid, node.threshold, predictor),
+                                      resolve_ood(node.ood, predictor))
+        return cls(pipeline, loaded)
+
+    def route(self, items: Sequence[Decoded], batch_size: int = 32) -> list[dict[str, Any]]:
+        """Route decoded items through the cascade; one record per item, in order."""
+        records: list[dict[str, Any] | None] = [None] * len(items)
+        traces: list[list[dict]] = [[] for _ in items]
+        waiting: dict[str, list[int]] = {sid: [] for sid in self.order}
+        for i, it in enumerate(items):
+            if it.error is not None:
+                records[i] = error_record(it.path, it.error)
+            else:
+                waiting[self.pipeline.root].append(i)
+        for sid in self.order:
+            idxs = waiting[sid]
+            for start in range(0, len(idxs), batch_size):
+                chunk = idxs[start:start + batch_size]
+                self._run_stage(sid, chunk, items, traces, records, waiting)
+        return records  # type: ignore[return-value]
+
+    def _run_stage(self, sid: str, chunk: list[int], items: Sequence[Decoded], traces: list[list[dict]],
+                   records: list[dict | None], waiting: dict[str, list[int]]) -> None:
+        st = self.stages[sid]
+        try:
+            batch = make_batch([items[i].array(st.predictor.preset) for i in chunk], st.predictor)
+            pred = st.predictor.predict(batch)
+        except Exception as exc:  # noqa: BLE001 - one failing stage call must not lose the batch
+            log.warning("stage %s failed on a batch of %d: %s", sid, len(chunk), exc)
+            for i in chunk:
+                err = HierarchyError(f"stage '{sid}' failed: {type(exc).__name__}: {exc}")
+                records[i] = {**error_record(items[i].path, err), "trace": traces[i],
+                              "error": {"type": "stage_failed", "message": str(err)}}
+            return
+        labels = list(st.predictor.labels)
+        for row, i in enumerate(chunk):
+            probs = [float(p) for p in pred.probs[row]]
+            top = max(range(len(probs)), key=probs.__getitem__)
+            entry = {"stage": sid, "label": labels[top], "confidence": probs[top],
+                     "probs": dict(zip(labels, probs))}
+            status = self._decide(st, entry, None if pred.ood is None else float(pred.ood[row]))
+            traces[i].append(entry)
+            if status is None:
+                target = self.pipeline.route(sid, labels[top])
+                if target != STOP:
+                    waiting[target].append(i)
+                    continue
+                status = "ok"
+            records[i] = self._record(items[i].path, status, traces[i])
+
+    @staticmethod
+    def _decide(st: LoadedStage, entry: dict, ood: float | None) -> str | None:
+        if st.ood_threshold is not None and ood is not None:
+            entry["ood"] = {"score": ood, "threshold": st.ood_threshold}
+            if ood > st.ood_threshold:
+                entry["decision"] = "rejected"
+                return "rejected"
+        if st.threshold is not None and entry["confidence"] < st.threshold:
+            entry["threshold"] = st.threshold
+            entry["decision"] = "abstained"
+            return "abstained"
+        entry["decision"] = "accepted"
+        return None
+
+    @staticmethod
+    def _record(path: Path, status: str, trace: list[dict]) -> dict[str, Any]:
+        accepted = [t for t in trace if t["decision"] == "accepted"]
+        last = trace[-1]
+        rec = {"path": str(path), "status": status,
+               "label": accepted[-1]["label"] if accepted else None,
+               "confidence": accepted[-1]["confidence"] if accepted else None,
+               "stage": last["stage"], "trace": trace, "error": None}
+        if status == "rejected":
+            rec["reason"] = "out_of_distribution"
+        elif status == "abstained":
+            rec["reason"] = "below_threshold"
+        return rec
+
+    def decode(self, path: Path, draft: bool = True) -> Decoded:
+        """Decode ``path`` into the uint8 tensor of every preset in the cascade (run in worker
+        threads, off the routing thread). Only (3, S, S) tensors are kept, never the full image,
+        so memory per item is small and fixed. ``draft=False`` never uses a reduced JPEG decode."""
+        from hierarchy.data.decode import decode_arrays
+
+        presets = {self.stages[sid].predictor.preset for sid in self.order}
+        try:
+            by_size = decode_arrays(path, [p.size for p in presets], draft=draft)
+        except ImageError as exc:
+            return Decoded(path, error=exc)
+        return Decoded(path, tensors={preset_key(p): by_size[p.size] for p in presets})
+
+    def run(self, paths: Iterable[Path], batch_size: int = 32, workers: int | None = None,
+            draft: bool = True) -> Iterator[dict[str, Any]]:
+        """Stream records for ``paths``: decode batch k+1 in a thread pool while batch k is routed.
+        Memory is bounded by two batches, whatever the number of inputs."""
+        torch_engine = any(batch_format(st.predictor) == "torch" for st in self.stages.values())
+        paths, importing = _maybe_fast_jpeg(iter(paths), torch_engine)
+        chunks = _chunked(paths, batch_size)
+        try:
+            with ThreadPoolExecutor(max_workers=workers or default_workers()) as pool:
+                pending: list[Future] | None = self._submit(pool, next(chunks, None), draft)
+                while pending is not None:
+                    items = [f.result() for f in pending]
+                    pending = self._submit(pool, next(chunks, None), draft)
+                    yield from self.route(items, batch_size)
+        finally:
+            if importing is not None:  # never leave an import running into interpreter shutdown
+                importing.join()
+
+    def _submit(self, pool: ThreadPoolExecutor, chunk: list[Path] | None, draft: bool) -> list[Future] | None:
+        return None if chunk is None else [pool.submit(self.decode, p, draft) for p in chunk]
+
+
+LONG_RUN = 512  # inputs from which importing torchvision's JPEG decoder (~1 s of CPU) pays for itself
+
+
+def _maybe_fast_jpeg(paths: Iterator[Path], torch_engine: bool = True) -> tuple[Iterator[Path], Any]:
+    """Look ahead up to LONG_RUN paths; for a long run import torchvision's JPEG decoder in a
+    background thread (~1 ms/image cheaper, same output within 0.001/255) while PIL decodes the
+    first batches. Short runs keep PIL and start fast; so does every run of a pipeline without a
+    torch predictor (the ONNX and OpenVINO engines never import torch). Returns the paths and the thread (or None)."""
+    head = list(itertools.islice(paths, LONG_RUN))
+    thread = None
+    if len(head) == LONG_RUN and torch_engine:
+        from hierarchy.data.decode import enable_torchvision_decoder
+
+        thread = enable_torchvision_decoder(background=True)
+    return itertools.chain(head, paths), thread
+
+
+def batch_format(predictor: "Predictor") -> str:
+    """``"torch"`` (a uint8 torch tensor, the default for every predictor) or ``"numpy"``: what a
+    predictor's ``batch_format`` attribute asks ``predict`` to be given."""
+    return getattr(predictor, "batch_format", "torch")
+
+
+def make_batch(arrays: Sequence[np.ndarray], predictor: "Predictor") -> Any:
+    """Stack (3, S, S) uint8 arrays into the (N, 3, S, S) batch type ``predictor`` takes."""
+    stacked = np.stack(arrays)
+    if batch_format(predictor) == "numpy":
+        return stacked
+    import torch
+
+    return torch.from_numpy(stacked)
+
+
+def _load_predictor(sid: str, stage: Any, weights: Path | None, device: str, precision: str,
+                    engine: str) -> "Predictor":
+    """``stage.load_predictor``, with ``engine=`` only when it is not the default, so stages whose
+    override predates engines keep working with the torch engine and fail clearly with another."""
+    if engine == DEFAULT_ENGINE:
+        return stage.load_predictor(weights, device=device, precision=precision)
+    if not _accepts_engine(stage.load_predictor):
+        raise ConfigError("pipeline", [f"stages.{sid}: stage '{stage.name}' loads its own predictor "
+                                       f"(its load_predictor has no 'engine' parameter), so it cannot run "
+                                       f"with --engine {engine}; use --engine {DEFAULT_ENGINE}"])
+    return stage.load_predictor(weights, device=device, precision=precision, engine=engine)
+
+
+def _accepts_engine(method: Any) -> bool:
+    import inspect
+
+    params = inspect.signature(method).parameters.values()
+    return any(p.name == "engine" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+def _chunked(it: Iterable[Path], n: int) -> Iterator[list[Path]]:
+    iterator = iter(it)
+    while chunk := list(itertools.islice(iterator, n)):
+        yield chunk
+
+
+def default_workers() -> int:
+    import os
+
+    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+def resolve_threshold(sid: str, value: float | str | None, predictor: "Predictor") -> float | None:
+    if value != "auto":
+        return None if value is None else float(value)
+    stored = (predictor.metadata or {}).get("threshold") or {}
+    if "threshold" not in stored:
+        raise ConfigError("pipeline", [f"stages.{sid}.threshold: 'auto' but the checkpoint has no tuned threshold; "
+                                       "run `hierarchy calibrate RUN_DIR --data DATA` or give a number"])
+    return float(stored["threshold"])
+
+
+def resolve_ood(value: float | str, predictor: "Predictor") -> float | None:
+    if value == "off":
+        return None
+    if value != "auto":
+        return float(value)
+    stored = (predictor.metadata or {}).get("ood") or {}
+    return float(stored["threshold"]) if stored.get("threshold") is not None else None

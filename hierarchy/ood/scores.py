@@ -1,0 +1,134 @@
+"""The out-of-distribution scores of :mod:`hierarchy.ood.fit` in numpy, for engines that run without torch.
+
+Same formulas, same float32 arithmetic and the same ``ood.safetensors`` statistics (read with
+``safetensors.numpy``), so a pipeline's ``ood: auto`` threshold means the same under
+``hierarchy run --engine onnx`` as under the torch engine (``tests/test_onnx_engine.py`` checks the
+scores agree). Higher = less like the training data.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hierarchy.core.errors import CheckpointError
+
+METHODS = ("energy", "mahalanobis", "knn")
+OOD_FILE = "ood.safetensors"
+DEFAULT_K = 5
+_CHUNK = 4096  # rows scored at once by knn, to bound the (N, M) similarity matrix
+
+
+def energy_score(logits: np.ndarray) -> np.ndarray:
+    """(N, C) raw logits -> (N,) ``-logsumexp``."""
+    z = np.asarray(logits, dtype=np.float32)
+    top = z.max(axis=1, keepdims=True)
+    return -(top[:, 0] + np.log(np.exp(z - top).sum(axis=1)))
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Rows divided by their L2 norm (at least 1e-12), as ``torch.nn.functional.normalize``."""
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), np.float32(1e-12))
+
+
+def mahalanobis_score(features: np.ndarray, means: np.ndarray, precision: np.ndarray) -> np.ndarray:
+    """(N, D) features -> (N,) ``min_c (x - mu_c)^T P (x - mu_c)`` with the shared precision P."""
+    x = np.asarray(features, dtype=np.float32)
+    xp = x @ precision
+    quad = (xp * x).sum(axis=1, keepdims=True)
+    const = ((means @ precision) * means).sum(axis=1)
+    return np.maximum((quad - 2.0 * (xp @ means.T) + const).min(axis=1), np.float32(0.0))
+
+
+def knn_score(features: np.ndarray, bank: np.ndarray, k: int) -> np.ndarray:
+    """(N, D) features -> (N,) distance of the normalised feature to its k-th nearest row of the
+    (already L2-normalised) ``bank``; ``k`` is clipped to the bank size."""
+    k = max(1, min(int(k), bank.shape[0]))
+    x = l2_normalize(features)
+    out = []
+    for start in range(0, x.shape[0], _CHUNK):
+        sims = x[start:start + _CHUNK] @ bank.T
+        kth = np.partition(sims, sims.shape[1] - k, axis=1)[:, sims.shape[1] - k]
+        out.append(np.sqrt(np.maximum(2.0 - 2.0 * kth, np.float32(0.0))))
+    return np.concatenate(out).astype(np.float32) if out else np.zeros(0, np.float32)
+
+
+class NumpyOODScorer:
+    """The fitted statistics of one run and its ``method``; ``score`` maps features and logits to (N,)."""
+
+    def __init__(self, method: str, threshold: float | None = None, *, means: np.ndarray | None = None,
+                 precision: np.ndarray | None = None, bank: np.ndarray | None = None, k: int = DEFAULT_K):
+        if method not in METHODS:
+            raise ValueError(f"unknown OOD method {method!r}; use one of {', '.join(METHODS)}")
+        self.method, self.threshold, self.k = method, threshold, int(k)
+        self.means = None if means is None else np.asarray(means, dtype=np.float32)
+        self.precision = None if precision is None else np.asarray(precision, dtype=np.float32)
+        self.bank = None if bank is None else np.asarray(bank, dtype=np.float32)
+        if method == "mahalanobis" and (self.means is None or self.precision is None):
+            raise ValueError("OOD method 'mahalanobis' needs means and precision")
+        if method == "knn" and self.bank is None:
+            raise ValueError("OOD method 'knn' needs a bank")
+        _check_shapes(self.means, self.precision, self.bank)
+
+    def score(self, features: np.ndarray, logits: np.ndarray) -> np.ndarray:
+        """(N,) float32 scores by the scorer's method."""
+        if self.method == "energy":
+            return energy_score(logits)
+        if self.method == "mahalanobis":
+            return mahalanobis_score(l2_normalize(features), self.means, self.precision)  # type: ignore[arg-type]
+        return knn_score(features, self.bank, self.k)  # type: ignore[arg-type]
+
+
+def _check_shapes(means: np.ndarray | None, precision: np.ndarray | None, bank: np.ndarray | None) -> None:
+    dims = {name: a.shape for name, a in (("means", means), ("precision", precision), ("bank", bank))
+            if a is not None}
+    widths = {shape[-1] for shape in dims.values() if shape}
+    square = "precision" not in dims or (len(dims["precision"]) == 2 and dims["precision"][0] == dims["precision"][1])
+    if any(len(shape) != 2 for shape in dims.values()) or len(widths) > 1 or not square:
+        raise ValueError(f"inconsistent shapes {dims}: expected means (C, D), precision (D, D), bank (M, D)")
+
+
+def load_numpy_scorer(ood: dict[str, Any] | None, run_dir: Path) -> NumpyOODScorer | None:
+    """The scorer a checkpoint's ``ood`` metadata describes (None when there is none), checked as
+    :func:`hierarchy.ood.fit.load_scorer` checks it: file present, SHA-256 as recorded, finite values."""
+    if not ood or ood.get("method") is None:
+        return None
+    threshold = None if ood.get("threshold") is None else float(ood["threshold"])
+    if ood["method"] == "energy" and not ood.get("file"):
+        return NumpyOODScorer("energy", threshold)
+    path = Path(run_dir) / str(ood.get("file") or OOD_FILE)
+    arrays = _load_statistics(path, ood.get("sha256"))
+    try:
+        return NumpyOODScorer(str(ood["method"]), threshold, means=arrays.get("means"),
+                              precision=arrays.get("precision"), bank=arrays.get("bank"),
+                              k=int((ood.get("fit") or {}).get("k", DEFAULT_K)))
+    except ValueError as e:
+        raise CheckpointError(path, f"invalid OOD statistics: {e}") from e
+
+
+def _load_statistics(path: Path, sha256: str | None) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    from hierarchy.core.fsutil import sha256_file
+    from hierarchy.models.metadata import sniff_safetensors
+
+    if not path.is_file():
+        raise CheckpointError(path, f"the checkpoint's OOD statistics are missing: copy {path.name} next to "
+                              "metadata.json, or set the metadata's \"ood\" to null to run without OOD rejection")
+    if sha256 and sha256_file(path) != sha256:
+        raise CheckpointError(path, "OOD statistics do not match metadata.json (SHA-256 differs); "
+                              "they belong to another run")
+    problem = sniff_safetensors(path)
+    if problem:
+        raise CheckpointError(path, problem)
+    try:
+        arrays = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(path, f"corrupt safetensors file: {e}") from e
+    for name, a in arrays.items():
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            raise CheckpointError(path, f"tensor '{name}' contains NaN/Inf")
+    return arrays

@@ -1,0 +1,198 @@
+"""Datasets and loaders for training: uint8 tensors from the shared preset, normalised on device."""
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset, RandomSampler, WeightedRandomSampler
+
+from hierarchy.core.errors import DatasetError, ImageError
+from hierarchy.core.perf import cpu_count
+from hierarchy.data.preset import Preset
+
+if TYPE_CHECKING:
+    from hierarchy.data.cache import SplitCache
+    from hierarchy.data.labelled import Sample
+    from hierarchy.config.train import TrainConfig
+
+log = logging.getLogger("hierarchy.train")
+
+
+class ImageDataset(Dataset):
+    """(uint8 (3,S,S), label index). Unreadable images yield None and are dropped by the collate."""
+
+    def __init__(self, samples: Sequence["Sample"], labels: Sequence[str], preset: Preset, train: bool, hflip: bool,
+                 cache: "SplitCache | None" = None):
+        self.samples = list(samples)
+        self.index = {lab: i for i, lab in enumerate(labels)}
+        self.targets = [self.index[s.label] for s in self.samples]
+        self.preset, self.train, self.hflip = preset, train, hflip
+        self.cache = cache  # decoded uint8 rows (hierarchy.data.cache); None: decode every time
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, i: int) -> torch.Tensor | None:
+        """Sample i as uint8 (3, S, S): from the cache, else decoded (hierarchy.data.decode fast path)."""
+        if self.cache is not None:
+            return torch.from_numpy(self.cache.array[i].copy()) if self.cache.ok[i] else None
+        from hierarchy.data.decode import decode_uint8
+
+        try:
+            return decode_uint8(self.samples[i].path, [self.preset.size])[self.preset.size]
+        except ImageError as exc:
+            log.warning("skipping %s", exc)
+            return None
+
+    def augment(self, x: torch.Tensor | None, i: int) -> tuple[torch.Tensor, int] | None:
+        """The recipe's only augmentation, a horizontal flip (one draw from torch's global RNG)."""
+        if x is None:
+            return None
+        if self.train and self.hflip and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return x, self.targets[i]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | None:
+        return self.augment(self.load(i), i)
+
+
+def collate(batch: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    batch = [b for b in batch if b is not None]
+    if not batch:
+        return torch.zeros(0, 3, 1, 1, dtype=torch.uint8), torch.zeros(0, dtype=torch.long)
+    return torch.stack([b[0] for b in batch]), torch.tensor([b[1] for b in batch], dtype=torch.long)
+
+
+@dataclass
+class Loader:
+    """A DataLoader plus the preset that normalises its uint8 batches on the model's device."""
+
+    loader: DataLoader
+    preset: Preset
+
+    @property
+    def dataset(self) -> ImageDataset:
+        return self.loader.dataset  # type: ignore[return-value]
+
+    def __iter__(self):
+        return iter(self.loader)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return self.preset.normalize(x)
+
+
+@dataclass
+class Loaders:
+    train: Loader
+    val: Loader
+    generator: torch.Generator
+    seed: int
+
+    def set_epoch(self, epoch: int) -> None:
+        self.generator.manual_seed(self.seed * 1000 + epoch)
+
+
+def split_samples(data: Path, labels: Sequence[str]) -> tuple[list["Sample"], list["Sample"]]:
+    from hierarchy.data.labelled import load_samples
+
+    samples = load_samples(Path(data), labels=labels)
+    train = [s for s in samples if s.split == "train"]
+    val = [s for s in samples if s.split == "val"]
+    if not train or not val:
+        raise DatasetError(f"{data}: training needs both a train and a val split (found {len(train)} train, "
+                           f"{len(val)} val). Use `hierarchy build-dataset` or a train/ + val/ ImageFolder tree.")
+    return train, val
+
+
+def default_workers(requested: int | str) -> int:
+    """DataLoader worker processes: ``auto`` is 0 on <= 2 cores (the threaded loader is used
+    instead, see :func:`loader_kind`), else one per core but one, at most 8."""
+    if requested != "auto":
+        return int(requested)
+    cores = cpu_count()
+    return 0 if cores <= 2 else min(8, cores - 1)
+
+
+def loader_kind(requested: int | str) -> tuple[str, int]:
+    """("threads", n): in-process decode threads (``auto`` on <= 2 cores, where worker processes
+    cost more than they overlap); ("workers", n): persistent DataLoader worker processes;
+    ("main", 0): the plain single-process DataLoader (``--workers 0``)."""
+    if requested == "auto" and cpu_count() <= 2:
+        return "threads", cpu_count()
+    n = default_workers(requested)
+    return ("workers", n) if n > 0 else ("main", 0)
+
+
+class ThreadedLoader:
+    """A DataLoader stand-in for few cores: indices come from the same sampler in the main thread,
+    batches are decoded in a thread pool (libjpeg and the resize release the GIL) with ``prefetch``
+    batches in flight, and the flip is drawn in the main thread in index order, so a run is as
+    deterministic as the single-process DataLoader."""
+
+    def __init__(self, dataset: ImageDataset, batch_size: int, sampler: Any = None, threads: int = 2,
+                 prefetch: int = 2):
+        self.dataset, self.batch_size, self.sampler = dataset, batch_size, sampler
+        self.threads, self.prefetch = max(1, threads), max(1, prefetch)
+
+    def __len__(self) -> int:
+        n = len(self.sampler) if self.sampler is not None else len(self.dataset)
+        return (n + self.batch_size - 1) // self.batch_size
+
+    def _load(self, idx: list[int]) -> list[torch.Tensor | None]:
+        return [self.dataset.load(i) for i in idx]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        indices = iter(self.sampler) if self.sampler is not None else iter(range(len(self.dataset)))
+        chunks = iter(lambda: list(itertools.islice(indices, self.batch_size)), [])
+        with ThreadPoolExecutor(max_workers=self.threads) as pool:
+            pending = collections.deque((idx, pool.submit(self._load, idx))
+                                        for idx in itertools.islice(chunks, self.prefetch))
+            while pending:
+                idx, fut = pending.popleft()
+                xs = fut.result()
+                pending.extend((nxt, pool.submit(self._load, nxt)) for nxt in itertools.islice(chunks, 1))
+                yield collate([self.dataset.augment(x, i) for x, i in zip(xs, idx)])
+
+
+def _caches(data: Path, train_s: list["Sample"], val_s: list["Sample"], size: int) -> tuple[Any, Any]:
+    from hierarchy.data.cache import load_or_build
+
+    threads = cpu_count()
+    return (load_or_build(data, train_s, size, "train", threads=threads),
+            load_or_build(data, val_s, size, "val", threads=threads))
+
+
+def _loader(ds: ImageDataset, batch_size: int, sampler: Any, cfg: "TrainConfig", device: torch.device) -> Any:
+    kind, n = loader_kind(cfg.workers)
+    if kind == "threads":
+        return ThreadedLoader(ds, batch_size, sampler, threads=n, prefetch=max(2, n))
+    return DataLoader(ds, batch_size=batch_size, sampler=sampler, shuffle=False, drop_last=False, num_workers=n,
+                      collate_fn=collate, pin_memory=device.type == "cuda", persistent_workers=n > 0)
+
+
+def make_loaders(data: Path, labels: Sequence[str], preset: Preset, cfg: "TrainConfig", device: torch.device) -> Loaders:
+    """Train (class-weighted or shuffled, seeded) and val loaders; with ``cfg.cache`` both read the
+    uint8 cache (built on first use, see hierarchy.data.cache) instead of decoding every epoch."""
+    train_s, val_s = split_samples(data, labels)
+    train_c, val_c = _caches(data, train_s, val_s, preset.size) if cfg.cache else (None, None)
+    train_ds = ImageDataset(train_s, labels, preset, train=True, hflip=cfg.hflip, cache=train_c)
+    val_ds = ImageDataset(val_s, labels, preset, train=False, hflip=False, cache=val_c)
+    gen = torch.Generator().manual_seed(cfg.seed * 1000)
+    if cfg.sampler == "weighted":
+        counts = torch.bincount(torch.tensor(train_ds.targets), minlength=len(labels)).clamp(min=1)
+        weights = (1.0 / counts.double())[torch.tensor(train_ds.targets)]
+        sampler = WeightedRandomSampler(weights, num_samples=len(train_ds), replacement=True, generator=gen)
+    else:
+        sampler = RandomSampler(train_ds, generator=gen)
+    train = _loader(train_ds, cfg.batch_size, sampler, cfg, device)
+    val = _loader(val_ds, cfg.batch_size, None, cfg, device)
+    return Loaders(Loader(train, preset), Loader(val, preset), gen, cfg.seed)

@@ -1,0 +1,97 @@
+"""After training: temperature scaling on the val split, training plots, and final metadata."""
+from __future__ import annotations
+
+import logging
+import sys
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from hierarchy.train.trainer import RunState, _Context
+
+log = logging.getLogger("hierarchy.train")
+
+
+def best_eval(ctx: "_Context", model: "nn.Module") -> dict[str, Any]:
+    """Validation logits of the best checkpoint (re-computed when a resumed run has none in memory)."""
+    if ctx.best_eval is not None:
+        return ctx.best_eval
+    from hierarchy.models.checkpoint import load_weights
+    from hierarchy.train.trainer import evaluate_model
+
+    model.load_state_dict(load_weights(ctx.run_dir / "best.safetensors"))
+    return evaluate_model(model, ctx.loaders.val, ctx.device, ctx.precision, len(ctx.stage.labels))
+
+
+def calibration(logits: np.ndarray, targets: np.ndarray) -> dict[str, Any]:
+    from hierarchy.metrics.classification import expected_calibration_error, fit_temperature, nll, softmax
+
+    if len(targets) == 0:
+        return {"temperature": 1.0}
+    # a separable val split drives T towards 0 (infinitely sharp); never sharpen below 0.5
+    t = max(0.5, fit_temperature(logits, targets))
+    out: dict[str, Any] = {"temperature": t, "n": int(len(targets))}
+    for name, temp in (("before", 1.0), ("after", t)):
+        p = softmax(logits, temp)
+        out[f"ece_{name}"] = expected_calibration_error(p.max(1), p.argmax(1) == targets, n_bins=15)
+        out[f"nll_{name}"] = nll(logits, targets, temp)
+    return out
+
+
+def finalize_run(ctx: "_Context", state: "RunState", model: "nn.Module") -> None:
+    ev = best_eval(ctx, model)
+    extra: dict[str, Any] = {}
+    if ctx.cfg.calibrate:
+        cal = calibration(ev["logits"], ev["targets"])
+        extra["temperature"] = cal["temperature"]
+        extra["calibration"] = {"method": "temperature", "split": "val", **cal}
+        print(f"calibration: temperature {cal['temperature']:.3f}, ECE {cal.get('ece_before', 0):.4f} -> "
+              f"{cal.get('ece_after', 0):.4f} (val)", file=sys.stderr)
+    extra.update(_tuned_threshold(ctx, ev, extra.get("temperature", 1.0)))
+    extra.update(_fit_ood(ctx, model))
+    ctx.write_records(state, **extra)
+    _plots(ctx, state, ev)
+    print(f"saved {ctx.run_dir} (best epoch {state.best_epoch})", file=sys.stderr)
+
+
+def _tuned_threshold(ctx: "_Context", ev: dict[str, Any], temperature: float) -> dict[str, Any]:
+    """``{"threshold": {...}}`` tuned on val to ``cfg.threshold_target`` (what ``threshold: auto`` reads)."""
+    from hierarchy.metrics.classification import softmax
+    from hierarchy.metrics.thresholds import tune_threshold
+
+    target = ctx.cfg.threshold_target
+    if target is None or len(ev["targets"]) == 0:
+        return {}
+    try:
+        tuned = tune_threshold(softmax(ev["logits"], temperature), ev["targets"], target, list(ctx.stage.labels))
+    except ValueError as exc:  # e.g. target_precision for a label this stage does not have
+        log.warning("threshold not tuned: %s", exc)
+        return {}
+    achieved = ", ".join(f"{k} {v:.3f}" for k, v in tuned["achieved"].items() if k != "n_accepted")
+    print(f"threshold: {tuned['threshold']:.4f} for {target} ({'met' if tuned['met'] else 'NOT met'}; {achieved}; "
+          f"val n={tuned['n']})", file=sys.stderr)
+    return {"threshold": {**tuned, "data": str(ctx.data), "split": "val"}}
+
+
+def _fit_ood(ctx: "_Context", model: "nn.Module") -> dict[str, Any]:
+    """Out-of-distribution scorer fitted on the train split (see hierarchy/ood/fit.py); empty when off."""
+    from hierarchy.ood.fit import fit_for_run
+
+    return fit_for_run(ctx, model)
+
+
+def _plots(ctx: "_Context", state: "RunState", ev: dict[str, Any]) -> None:
+    try:
+        from hierarchy.metrics.classification import confusion_matrix
+        from hierarchy.metrics.plots import plot_confusion, plot_training_curves
+    except ImportError as exc:  # matplotlib missing: plots are optional output
+        log.warning("skipping plots: %s", exc)
+        return
+    plot_training_curves(state.history, ctx.run_dir / "curves.png")
+    n = len(ctx.stage.labels)
+    cm = confusion_matrix(ev["targets"], ev["logits"].argmax(1), n) if len(ev["targets"]) else np.zeros((n, n), int)
+    plot_confusion(cm, list(ctx.stage.labels), ctx.run_dir / "confusion_best.png",
+                   title=f"{ctx.stage.name}: val confusion (epoch {state.best_epoch})")
