@@ -37,7 +37,8 @@ def write_checkpoint(run: Path, size: int = 224, seed: int = 0) -> Path:
     """An untrained ResNet18 (2 classes) as a hierarchy run dir for stage skin_vs_nonskin."""
     import torch
 
-    from hierarchy.models.checkpoint import CheckpointMetadata, save_weights, write_metadata
+    from hierarchy.models.checkpoint import save_weights
+    from hierarchy.models.metadata import CheckpointMetadata, write_metadata
     from hierarchy.models.backbones import create_model
     from hierarchy.data.preset import Preset
 

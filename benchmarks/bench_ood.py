@@ -32,6 +32,7 @@ def make_checkpoints(root: Path, size: int, method: str) -> tuple[Path, Path]:
     import torch
 
     from hierarchy.ood import fit as ood
+    from hierarchy.ood import scores
     from hierarchy.models.checkpoint import save_weights
     from hierarchy.core.fsutil import atomic_write_json
     from hierarchy.models.backbones import create_model
@@ -48,8 +49,8 @@ def make_checkpoints(root: Path, size: int, method: str) -> tuple[Path, Path]:
     rng = np.random.default_rng(0)
     feats = np.abs(rng.normal(0, 1, (4000, 512))).astype(np.float32)
     scorer, fit = ood.fit_scorer(feats, np.arange(4000) % 2, method=method)
-    digest = ood.save_scorer(scorer, on)
-    entry = {"method": method, "threshold": 1e9, "file": ood.OOD_FILE, "sha256": digest, "fit": fit}
+    digest = scores.save_scorer(scorer, on)
+    entry = {"method": method, "threshold": 1e9, "file": scores.OOD_FILE, "sha256": digest, "fit": fit}
     atomic_write_json(off / "metadata.json", meta)
     atomic_write_json(on / "metadata.json", {**meta, "ood": entry})
     return off, on
@@ -98,10 +99,8 @@ def summary(rates: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
 
 def scorer_share(predictor: Any, batch: Any, rounds: int) -> dict[str, float]:
     """Seconds per batch of the forward pass and of the OOD score alone (best of ``rounds``)."""
-    import torch
-
     pred = predictor.predict(batch, return_logits=True, return_features=True)
-    feats, logits = torch.from_numpy(pred.features), torch.from_numpy(pred.logits)
+    feats, logits = pred.features, pred.logits
     fwd, score = [], []
     for _ in range(rounds):
         start = time.perf_counter()

@@ -62,9 +62,10 @@ def ours(pipe: Path, paths: list[Path], out: Path, precision: str = "auto", batc
 def model_only(run: Path, batches, precision: str, engine: str = "torch") -> float:
     from stages.skin_vs_nonskin.plugin import SkinVsNonskin
 
-    pred = SkinVsNonskin().load_predictor(run, device="cpu", precision=precision, engine=engine)
-    if engine != "torch":
-        batches = [b.numpy() for b in batches]
+    from hierarchy.engine.predictor import load_predictor
+
+    pred = load_predictor(SkinVsNonskin(), run, device="cpu", precision=precision, engine=engine)
+    batches = [b.numpy() for b in batches]
     pred.predict(batches[0])  # warm-up (oneDNN primitive creation)
     t = time.perf_counter()
     for b in batches:
@@ -87,7 +88,7 @@ def decode_only(paths: list[Path]) -> float:
     from concurrent.futures import ThreadPoolExecutor
 
     from hierarchy.data.decode import decode_arrays
-    from hierarchy.engine.router import default_workers
+    from hierarchy.data.batches import default_workers
 
     t = time.perf_counter()
     with ThreadPoolExecutor(default_workers()) as pool:

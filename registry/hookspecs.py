@@ -7,6 +7,7 @@ import pluggy
 
 if TYPE_CHECKING:
     from hierarchy.config.stage import Stage
+    from hierarchy.data.sources import Source
 
 PROJECT = "hierarchy"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -16,3 +17,9 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 @hookspec
 def register_stages(register: "Callable[[type[Stage]], None]") -> None:
     """Register stage classes by calling ``register(StageSubclass)`` once per stage."""
+
+
+@hookspec
+def register_sources(register: "Callable[[type[Source]], None]") -> None:
+    """Register dataset source types by calling ``register(SourceSubclass)`` once per type. Every
+    plugin's sources are registered before any plugin's stages, so a stage may use any of them."""

@@ -3,7 +3,9 @@
 pluggy's own ``load_setuptools_entrypoints`` stops at the first plugin that fails to import and
 does not say which one did, so entry points are loaded one at a time here and every hook
 implementation is called separately: one broken plugin is reported by entry-point name and
-distribution, and every other plugin keeps working.
+distribution, and every other plugin keeps working. Every plugin's ``register_sources`` runs
+before any plugin's ``register_stages``; registered source types go into the data layer's table
+(:mod:`hierarchy.data.sources`), which ``DatasetConfig`` validates against.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import pluggy
 
@@ -21,8 +23,10 @@ from . import hookspecs
 
 if TYPE_CHECKING:
     from hierarchy.config.stage import Stage
+    from hierarchy.data.sources import Source
 
 ENTRY_POINT_GROUP = "hierarchy.stages"
+HOOKS = ("register_sources", "register_stages")  # in this order: stages may use any plugin's sources
 DISABLE_AUTOLOAD_ENV = "HIERARCHY_DISABLE_PLUGIN_AUTOLOAD"
 PLUGINS_ENV = "HIERARCHY_PLUGINS"
 API_ATTRIBUTE = "HIERARCHY_PLUGIN_API"
@@ -63,14 +67,23 @@ class StageEntry:
     plugin: PluginInfo
 
 
+@dataclass(frozen=True)
+class SourceEntry:
+    cls: "type[Source]"
+    plugin: PluginInfo
+
+
 @dataclass
 class Registry:
-    """Stages registered by plugins. Use :func:`get_registry` for the process-wide instance."""
+    """Stages and source types registered by plugins. Use :func:`get_registry` for the
+    process-wide instance."""
 
     pm: pluggy.PluginManager = field(default_factory=lambda: _new_plugin_manager())
     stages: dict[str, StageEntry] = field(default_factory=dict)
+    sources: dict[str, SourceEntry] = field(default_factory=dict)
     failures: list[PluginFailure] = field(default_factory=list)
-    _conflicts: dict[str, list[PluginInfo]] = field(default_factory=dict)
+    _conflicts: dict[str, list[PluginInfo]] = field(default_factory=dict)  # stage name -> its plugins
+    _source_conflicts: dict[str, list[PluginInfo]] = field(default_factory=dict)
     _autoloaded: bool = False
 
     def load_entry_points(self) -> None:
@@ -82,44 +95,55 @@ class Registry:
             return
         selected = _selected_plugins()
         eps = sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name)
-        for ep in eps:
-            if selected is None or ep.name in selected:
-                self._load_entry_point(ep)
+        loaded = [self._load_entry_point(ep) for ep in eps if selected is None or ep.name in selected]
+        self._collect([p for p in loaded if p is not None])
         for missing in sorted((selected or set()) - {ep.name for ep in eps}):
             self.failures.append(PluginFailure(PluginInfo(missing), "select",
                                                f"{PLUGINS_ENV} names it but no such entry point is installed"))
 
-    def _load_entry_point(self, ep: EntryPoint) -> None:
+    def _load_entry_point(self, ep: EntryPoint) -> tuple[object, PluginInfo] | None:
         dist = getattr(ep, "dist", None)
         info = PluginInfo(ep.name, dist.name if dist else None, dist.version if dist else None, ep.value)
         if self.pm.has_plugin(ep.name):
-            return
+            return None
         try:
             plugin = ep.load()
         except Exception as exc:  # noqa: BLE001 - any import error is the plugin's, not ours
             self.failures.append(PluginFailure(info, "import", _describe(exc)))
-            return
-        self.register_plugin(plugin, info=info)
+            return None
+        return (plugin, info) if self._add_plugin(plugin, info) else None
 
     def register_plugin(self, plugin: object, name: str | None = None, info: PluginInfo | None = None) -> None:
-        """Register a plugin object (module, class or instance) and collect its stages now."""
+        """Register a plugin object (module, class or instance) and collect its sources and stages now."""
         if info is None:
             name = name or getattr(plugin, "__name__", None) or type(plugin).__name__
             info = PluginInfo(name, module=getattr(plugin, "__name__", type(plugin).__module__))
+        if self._add_plugin(plugin, info):
+            self._collect([(plugin, info)])
+
+    def _add_plugin(self, plugin: object, info: PluginInfo) -> bool:
         if not _api_compatible(plugin, info, self.failures):
-            return
+            return False
         try:
             self.pm.register(plugin, name=info.name)
         except ValueError as exc:  # already registered, or hookimpl signature mismatch
             self.failures.append(PluginFailure(info, "register", _describe(exc)))
-            return
-        for impl in self.pm.hook.register_stages.get_hookimpls():
-            if impl.plugin is plugin:
-                self._call_hook(impl, info)
+            return False
+        return True
 
-    def _call_hook(self, impl: pluggy.HookImpl, info: PluginInfo) -> None:
-        def register(cls: "type[Stage]") -> None:
-            self._add_stage(cls, info)
+    def _collect(self, plugins: list[tuple[object, PluginInfo]]) -> None:
+        """Call every plugin's ``register_sources``, then every plugin's ``register_stages``."""
+        adders = {"register_sources": self._add_source, "register_stages": self._add_stage}
+        for hook in HOOKS:
+            impls = getattr(self.pm.hook, hook).get_hookimpls()
+            for plugin, info in plugins:
+                for impl in impls:
+                    if impl.plugin is plugin:
+                        self._call_hook(impl, info, adders[hook])
+
+    def _call_hook(self, impl: pluggy.HookImpl, info: PluginInfo, add: Callable[[Any, PluginInfo], None]) -> None:
+        def register(cls: Any) -> None:
+            add(cls, info)
 
         kwargs = {"register": register} if "register" in impl.argnames else {}
         try:
@@ -143,6 +167,43 @@ class Registry:
             return
         owners = " and ".join(str(p) for p in self._conflicts[name])
         self.failures.append(PluginFailure(info, "conflict", f"stage '{name}' is registered by {owners}"))
+
+    def _add_source(self, cls: "type[Source]", info: PluginInfo) -> None:
+        from hierarchy.core.errors import PluginError
+        from hierarchy.data.sources import (register_source_type, source_type_name, source_type_problem,
+                                            unregister_source_type)
+
+        problem = source_type_problem(cls)
+        if problem:
+            self.failures.append(PluginFailure(info, "register", problem))
+            return
+        name = source_type_name(cls)
+        held = self.sources.get(name)
+        if held is not None and held.cls is cls:
+            return
+        if held is not None:  # two plugins claim one type name: neither gets it
+            del self.sources[name]
+            unregister_source_type(name)
+            self._source_conflicts[name] = [held.plugin]
+        if name in self._source_conflicts:
+            self._source_conflicts[name].append(info)
+            owners = " and ".join(str(p) for p in self._source_conflicts[name])
+            self.failures.append(PluginFailure(info, "conflict", f"source type '{name}' is registered by {owners}"))
+            return
+        try:
+            register_source_type(cls)
+        except PluginError as exc:  # a built-in type holds the name
+            self.failures.append(PluginFailure(info, "conflict", f"{exc}; choose another type name"))
+            return
+        self.sources[name] = SourceEntry(cls, info)
+
+    def forget_sources(self) -> None:
+        """Take this registry's source types out of the data layer's table."""
+        from hierarchy.data.sources import unregister_source_type
+
+        for name in self.sources:
+            unregister_source_type(name)
+        self.sources.clear()
 
     def get(self, name: str) -> "type[Stage]":
         from hierarchy.core.errors import PluginError, UnknownStageError
@@ -194,7 +255,7 @@ def _stage_problem(cls: object) -> str | None:
     from hierarchy.config.stage import Stage, StageConfig
 
     if not (inspect.isclass(cls) and issubclass(cls, Stage)):
-        return f"register() got {cls!r}, which is not a hierarchy.config.stage.Stage subclass"
+        return f"register() got {cls!r}, which is not a hierarchy.Stage subclass"
     name = getattr(cls, "name", None)
     if not isinstance(name, str) or not _NAME_RE.match(name):
         return f"{cls.__qualname__}.name must be a lower-case identifier (letters, digits, _ or -), got {name!r}"
@@ -204,10 +265,30 @@ def _stage_problem(cls: object) -> str | None:
     if len(set(labels)) != len(labels) or "default" in labels:
         return f"stage '{name}': labels must be unique and may not be the reserved word 'default': {labels!r}"
     if not (inspect.isclass(cls.Config) and issubclass(cls.Config, StageConfig)):
-        return f"stage '{name}': Config must subclass hierarchy.config.stage.StageConfig"
+        return f"stage '{name}': Config must subclass hierarchy.StageConfig"
     if inspect.isabstract(cls):
         missing = ", ".join(sorted(cls.__abstractmethods__))
         return f"stage '{name}': {cls.__qualname__} does not implement {missing}"
+    gone = [m for m in _REMOVED_HOOKS if m in vars(cls)]
+    if gone:  # an override the engine would silently ignore: say so instead
+        return (f"stage '{name}': {cls.__qualname__} overrides {', '.join(gone)}, which stages no longer have; "
+                "the shared builder and trainer read `sources` and `Config` (see docs/plugins.md)")
+    return _default_config_problem(cls)
+
+
+_REMOVED_HOOKS = ("build_dataset", "train")  # Stage methods of plugin API 1 before 0.2
+
+
+def _default_config_problem(cls: "type[Stage]") -> str | None:
+    from pydantic import ValidationError
+
+    from hierarchy.core.yamlio import pydantic_errors
+
+    try:
+        cls.Config()
+    except ValidationError as exc:
+        problems = "; ".join(f"{exc.title}.{line}" for line in pydantic_errors(exc, {}))
+        return f"stage '{cls.name}': its default config is invalid: {problems}"
     return None
 
 
@@ -239,14 +320,12 @@ def get_stage(name: str) -> "type[Stage]":
 
 
 def reset_registry() -> None:
-    """Forget every plugin; the next lookup reloads entry points (tests)."""
+    """Forget every plugin and the source types they added; the next lookup reloads entry points (tests)."""
     global _REGISTRY
+    if _REGISTRY is not None:
+        _REGISTRY.forget_sources()
     _REGISTRY = None
 
 
-def stage_entries() -> dict[str, StageEntry]:
-    return dict(get_registry().stages)
-
-
 __all__: list[str] = ["Registry", "get_registry", "load_plugins", "register_plugin", "get_stage",
-                      "reset_registry", "stage_entries", "PluginInfo", "PluginFailure", "StageEntry"]
+                      "reset_registry", "PluginInfo", "PluginFailure", "SourceEntry", "StageEntry"]

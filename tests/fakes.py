@@ -41,7 +41,7 @@ class ColorStage(Stage):
     name = "fake_color"
     labels = ("red", "other")
 
-    def load_predictor(self, weights: Path | None, device: str = "auto", precision: str = "auto") -> FakePredictor:
+    def load_predictor(self, weights: Path | None, **options: str) -> FakePredictor:
         return FakePredictor(self.name, self.labels, lambda m: _two(m[:, 0]))
 
 
@@ -51,7 +51,7 @@ class BrightStage(Stage):
     name = "fake_bright"
     labels = ("light", "dark")
 
-    def load_predictor(self, weights: Path | None, device: str = "auto", precision: str = "auto") -> FakePredictor:
+    def load_predictor(self, weights: Path | None, **options: str) -> FakePredictor:
         return FakePredictor(self.name, self.labels, lambda m: _two(m[:, 1]))
 
 
@@ -61,7 +61,7 @@ class BlueStage(Stage):
     name = "fake_blue"
     labels = ("blue", "none")
 
-    def load_predictor(self, weights: Path | None, device: str = "auto", precision: str = "auto") -> FakePredictor:
+    def load_predictor(self, weights: Path | None, **options: str) -> FakePredictor:
         return FakePredictor(self.name, self.labels, lambda m: _two(m[:, 2]))
 
 

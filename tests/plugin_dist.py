@@ -55,9 +55,8 @@ def hierarchy_cli(args: list[str], site: Path | None = None, cwd: Path | None = 
 
 COLOR_PLUGIN = '''
 import numpy as np
+from hierarchy import Prediction, Stage, hookimpl
 from hierarchy.data.preset import Preset
-from hierarchy.config.stage import Prediction, Stage
-from registry import hookimpl
 
 HIERARCHY_PLUGIN_API = 1
 
@@ -77,7 +76,7 @@ class PlugColor(Stage):
     labels = ("red", "other")
     description = "red or not, from a pip-installed plugin"
 
-    def load_predictor(self, weights, device="auto", precision="auto"):
+    def load_predictor(self, weights, **options):
         return RedPredictor()
 
 

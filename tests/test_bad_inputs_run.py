@@ -75,7 +75,7 @@ class QuadrantStage(Stage):
     name = "fake_quadrant"
     labels = QUADRANTS
 
-    def load_predictor(self, weights: Path | None, device: str = "auto", precision: str = "auto") -> QuadrantPredictor:
+    def load_predictor(self, weights: Path | None, **options: str) -> QuadrantPredictor:
         return QuadrantPredictor(self.name, self.labels, lambda m: m, size=16)
 
 

@@ -8,6 +8,7 @@ import pytest
 
 from hierarchy.commands.cli import main
 from hierarchy.config.train import TrainConfig
+from hierarchy.engine.predictor import load_predictor
 
 RUN_FIELDS = {"threshold", "target", "achieved", "n", "met", "data", "split"}
 
@@ -39,7 +40,7 @@ def val_predictions(root, run):
     from hierarchy.data.imageio import load_image
     from registry import get_stage
 
-    predictor = get_stage("skin_vs_nonskin")().load_predictor(run, device="cpu", precision="fp32")
+    predictor = load_predictor(get_stage("skin_vs_nonskin")(), run, device="cpu", precision="fp32")
     samples, _ = select_samples(root / "ds", "val")
     batch = torch.stack([predictor.preset.to_uint8(load_image(s.path, draft_size=32)) for s in samples])
     pred = predictor.predict(batch, return_logits=True)

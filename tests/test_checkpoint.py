@@ -10,21 +10,11 @@ from typing import Any, Callable
 import pytest
 import torch
 
-from hierarchy.models.checkpoint import (
-    CheckpointMetadata,
-    check_compatible,
-    load_train_state,
-    load_weights,
-    read_metadata,
-    resolve_checkpoint,
-    save_train_state,
-    save_weights,
-    update_metadata,
-    write_metadata,
-)
+from hierarchy.models.checkpoint import check_compatible, load_train_state, load_weights, save_train_state, save_weights
+from hierarchy.models.metadata import CheckpointMetadata, read_metadata, resolve_checkpoint, update_metadata, write_metadata
 from hierarchy.core.errors import CheckpointError
 from hierarchy.models.backbones import create_model
-from hierarchy.engine.torch_backend import load_predictor
+from hierarchy.engine.predictor import load_predictor
 from hierarchy.data.preset import Preset
 from hierarchy.config.stage import Stage
 
@@ -34,9 +24,6 @@ LABELS = ("skin", "not_skin")
 class GateStage(Stage):
     name = "gate"
     labels = LABELS
-
-    def build_dataset(self, out: Path, **overrides: Any) -> Path:
-        raise NotImplementedError
 
 
 def make_run(tmp_path: Path, backbone: str = "resnet18", labels: tuple[str, ...] = LABELS, **meta: Any) -> Path:

@@ -131,7 +131,7 @@ def spies(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Record (and refuse) anything that would build a predictor, a model or a dataset."""
     import hierarchy.data.builder
     import hierarchy.models.backbones
-    import hierarchy.engine.torch_backend
+    import hierarchy.engine.predictor
     import hierarchy.train.trainer
     from hierarchy.engine.router import Router
 
@@ -148,7 +148,7 @@ def spies(monkeypatch: pytest.MonkeyPatch) -> list[str]:
             return iter(())
 
     monkeypatch.setattr(Router, "from_pipeline", classmethod(spy("router", NoRouter())))
-    monkeypatch.setattr(hierarchy.engine.torch_backend, "load_predictor", spy("load_predictor"))
+    monkeypatch.setattr(hierarchy.engine.predictor, "load_predictor", spy("load_predictor"))
     monkeypatch.setattr(hierarchy.models.backbones, "create_model", spy("create_model"))
     monkeypatch.setattr(hierarchy.train.trainer, "train_stage", spy("train_stage", Path("run-dir")))
     monkeypatch.setattr(hierarchy.data.builder, "build_dataset", spy("build_dataset", {}))

@@ -26,6 +26,7 @@ import yaml
 
 from hierarchy.models.checkpoint import load_train_state, load_weights
 from hierarchy.core.fsutil import temp_target
+from hierarchy.train.trainer import train_stage
 
 EPOCHS = 3
 STAGE = "skin_vs_nonskin"
@@ -133,7 +134,7 @@ def check_finished(run: Path) -> None:
     """All epochs done, records agree, no temp files, best.safetensors loads through the predictor."""
     from safetensors import safe_open
 
-    from hierarchy.engine.torch_backend import load_predictor
+    from hierarchy.engine.predictor import load_predictor
     from registry import get_stage, reset_registry
 
     state = load_train_state(run / "train_state.pt")
@@ -295,7 +296,7 @@ def good_run(data: Path) -> Path:
 
     train = {**train_options(), "epochs": 1, "pretrained": "none", "img_size": 32, "batch_size": 4,
              "out": str(data / "nan-runs"), "name": "good"}
-    return SkinVsNonskin(load_stage_config(SkinVsNonskin, train=train)).train(data / "ds", progress=False)
+    return train_stage(SkinVsNonskin(load_stage_config(SkinVsNonskin, train=train)), data / "ds", progress=False)
 
 
 def resume_in_process(run: Path, **train: Any) -> Path:
@@ -303,7 +304,7 @@ def resume_in_process(run: Path, **train: Any) -> Path:
     from stages.skin_vs_nonskin.plugin import SkinVsNonskin
 
     config = load_stage_config(SkinVsNonskin, run / "config.yaml", train={"epochs": EPOCHS, **train})
-    return SkinVsNonskin(config).train(None, resume=run, progress=False)
+    return train_stage(SkinVsNonskin(config), None, resume=run, progress=False)
 
 
 class NaNLoss(torch.nn.Module):

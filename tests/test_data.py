@@ -10,7 +10,7 @@ import pytest
 from hierarchy.data import synth
 from hierarchy.data.labelled import Sample, load_samples, manifest_sha256, read_manifest
 from hierarchy.data.builder import build_dataset
-from hierarchy.config.dataset import DatasetConfig
+from hierarchy.data.dataset_config import DatasetConfig
 from hierarchy.core.errors import DatasetError
 
 LABELS = ("skin", "nonskin")

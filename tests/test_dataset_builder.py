@@ -15,7 +15,7 @@ import pytest
 from hierarchy.data import synth
 from hierarchy.data.labelled import read_manifest
 from hierarchy.data.builder import build_dataset, split_sizes
-from hierarchy.config.dataset import DatasetConfig
+from hierarchy.data.dataset_config import DatasetConfig
 from hierarchy.core.errors import DatasetError
 
 LABELS = ("skin", "nonskin")

@@ -20,13 +20,15 @@ from PIL import Image
 from hierarchy.data import decode
 from hierarchy.models import optimize
 from hierarchy.core import perf
-from hierarchy.engine import torch_backend as predict
+from hierarchy.models import device as predict
 from hierarchy.models import resnet
 from hierarchy.data.labelled import Sample
 from hierarchy.models.backbones import create_model
-from hierarchy.engine.torch_backend import TorchPredictor, select_precision
+from hierarchy.engine.predictor import Predictor
+from hierarchy.models.device import select_precision
 from hierarchy.data.preset import Preset
 from hierarchy.data.synth import _lesion_shape, _rng, _scene, skin_image
+from hierarchy.train.trainer import train_stage
 
 SIZE = 32
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:torchvision.*")
@@ -96,7 +98,7 @@ def test_fast_path_gives_the_reference_labels(tmp_path: Path, model: torch.nn.Mo
             reference.append(preset.reference(img.convert("RGB")))
     with torch.no_grad():
         ref_logits = model(torch.stack(reference))
-    fast = TorchPredictor(model, ("a", "b"), preset, device="cpu", precision="fp32")
+    fast = Predictor.from_torch(model, ("a", "b"), preset, device="cpu", precision="fp32")
     batch = torch.stack([decode.decode_uint8(f, [SIZE])[SIZE] for f in files])
     pred = fast.predict(batch, return_logits=True)
     np.testing.assert_array_equal(pred.probs.argmax(1), ref_logits.argmax(1).numpy())
@@ -107,13 +109,13 @@ def test_bf16_falls_back_to_fp32_when_the_cpu_lacks_it(monkeypatch: pytest.Monke
     monkeypatch.setattr(predict, "cpu_supports_bf16", lambda: False)
     cpu = torch.device("cpu")
     assert select_precision(cpu, "auto") == "fp32" and select_precision(cpu, "bf16") == "fp32"
-    p = TorchPredictor(model, ("a", "b"), Preset(size=SIZE), device="cpu", precision="bf16")
-    assert p.precision == "fp32" and p.plan.input_dtype == torch.float32
-    assert next(p.model.parameters()).dtype == torch.float32
+    p = Predictor.from_torch(model, ("a", "b"), Preset(size=SIZE), device="cpu", precision="bf16")
+    assert p.precision == "fp32" and p.backend.plan.input_dtype == torch.float32
+    assert next(p.backend.model.parameters()).dtype == torch.float32
     monkeypatch.setattr(predict, "cpu_supports_bf16", lambda: True)
     assert select_precision(cpu, "auto") == "bf16"
-    fast = TorchPredictor(model, ("a", "b"), Preset(size=SIZE), device="cpu", precision="auto")
-    assert fast.plan.input_dtype == torch.bfloat16 and next(fast.model.parameters()).dtype == torch.bfloat16
+    fast = Predictor.from_torch(model, ("a", "b"), Preset(size=SIZE), device="cpu", precision="auto")
+    assert fast.backend.plan.input_dtype == torch.bfloat16 and next(fast.backend.model.parameters()).dtype == torch.bfloat16
     assert next(model.parameters()).dtype == torch.float32  # the caller's model is untouched
 
 
@@ -202,7 +204,7 @@ def _train(data: Path, out: Path, **train: object) -> dict[str, str]:
 
     cfg = SkinVsNonskin.Config(train={"pretrained": "none", "epochs": 2, "batch_size": 8, "img_size": SIZE,
                                       "calibrate": False, "threshold_target": None, "ood": False, **train})
-    run = SkinVsNonskin(cfg).train(data, out, progress=False)
+    run = train_stage(SkinVsNonskin(cfg), data, out, progress=False)
     with open(run / "metrics.csv", newline="") as f:
         return list(csv.DictReader(f))[-1]
 
@@ -235,7 +237,8 @@ def test_allocator_settings_apply_and_can_be_opted_out(monkeypatch: pytest.Monke
 
 
 def _checkpoint(run: Path, model: torch.nn.Module) -> None:
-    from hierarchy.models.checkpoint import CheckpointMetadata, save_weights, write_metadata
+    from hierarchy.models.checkpoint import save_weights
+    from hierarchy.models.metadata import CheckpointMetadata, write_metadata
 
     save_weights(run / "best.safetensors", model)
     arch = {"backbone": "resnet18", "library": "torchvision", "num_classes": 2}

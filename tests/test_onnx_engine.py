@@ -17,11 +17,12 @@ import numpy as np
 import pytest
 import torch
 
-from hierarchy.ood import fit as ood
-from hierarchy.ood import scores as ood_numpy
+from hierarchy.ood import scores
 from hierarchy.commands.cli import main
 from hierarchy.core.errors import EngineError, ExportError
 from hierarchy.data.preset import Preset
+from hierarchy.engine.predictor import load_predictor
+from hierarchy.train.trainer import train_stage
 
 LABELS = ["skin", "non-skin"]
 SIZE = 32
@@ -49,7 +50,7 @@ def make_exported(root: Path) -> Path:
     cfg = SkinVsNonskin.Config(train={
         "pretrained": "none", "epochs": 1, "max_steps_per_epoch": 1, "batch_size": 8, "img_size": SIZE,
         "device": "cpu", "workers": 0, "threshold_target": {"target_coverage": 0.5}, "out": str(root / "runs")})
-    run = SkinVsNonskin(cfg).train(root / "data", progress=False)
+    run = train_stage(SkinVsNonskin(cfg), root / "data", progress=False)
     assert main(["export", str(run)]) == 0
     return run
 
@@ -103,34 +104,16 @@ def assert_same_records(torch_recs: list[dict], onnx_recs: list[dict]) -> None:
 # ---------------------------------------------------------------- numpy scores and preprocessing
 
 
-def test_numpy_ood_scores_equal_the_torch_scores(tmp_path: Path) -> None:
-    rng = np.random.default_rng(0)
-    feats = rng.normal(size=(40, 16)).astype(np.float32) + np.repeat([[0.0], [2.0]], 20, axis=0)
-    targets = np.repeat([0, 1], 20)
-    scorer, _ = ood.fit_scorer(feats, targets, k=3, bank_size=30)
-    scorer.threshold = 0.5
-    ood.save_scorer(scorer, tmp_path)
-    x = rng.normal(size=(7, 16)).astype(np.float32) * 3
-    logits = rng.normal(size=(7, 2)).astype(np.float32) * 5
-    for method in ood_numpy.METHODS:
-        entry = {"method": method, "threshold": 0.5, "file": ood.OOD_FILE, "fit": {"k": 3}}
-        theirs = ood.load_scorer(entry, tmp_path).score(torch.from_numpy(x), torch.from_numpy(logits)).numpy()
-        ours = ood_numpy.load_numpy_scorer(entry, tmp_path).score(x, logits)
-        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5, err_msg=method)
-    assert ood_numpy.load_numpy_scorer({"method": "energy", "threshold": 1.0}, tmp_path).score(x, logits).shape == (7,)
-    assert ood_numpy.load_numpy_scorer(None, tmp_path) is None
-
-
-def test_numpy_scorer_refuses_missing_or_foreign_statistics(tmp_path: Path) -> None:
+def test_scorer_refuses_missing_foreign_or_pickled_statistics(tmp_path: Path) -> None:
     from hierarchy.core.errors import CheckpointError
 
     with pytest.raises(CheckpointError, match="missing"):
-        ood_numpy.load_numpy_scorer({"method": "knn", "file": ood.OOD_FILE}, tmp_path)
-    (tmp_path / ood.OOD_FILE).write_bytes(b"\x80\x04not safetensors")
+        scores.load_scorer({"method": "knn", "file": scores.OOD_FILE}, tmp_path)
+    (tmp_path / scores.OOD_FILE).write_bytes(b"\x80\x04not safetensors")
     with pytest.raises(CheckpointError, match="SHA-256"):
-        ood_numpy.load_numpy_scorer({"method": "knn", "file": ood.OOD_FILE, "sha256": "0" * 64}, tmp_path)
+        scores.load_scorer({"method": "knn", "file": scores.OOD_FILE, "sha256": "0" * 64}, tmp_path)
     with pytest.raises(CheckpointError, match="pickle"):
-        ood_numpy.load_numpy_scorer({"method": "knn", "file": ood.OOD_FILE}, tmp_path)
+        scores.load_scorer({"method": "knn", "file": scores.OOD_FILE}, tmp_path)
 
 
 def test_numpy_normalisation_equals_the_torch_one() -> None:
@@ -209,8 +192,8 @@ def test_onnx_engine_matches_torch_through_the_api(exported: Path, images: list[
     from hierarchy.engine.router import Router
 
     stage = SkinVsNonskin()
-    theirs = stage.load_predictor(exported, device="cpu", precision="fp32")
-    ours = stage.load_predictor(exported, engine="onnx")
+    theirs = load_predictor(stage, exported, device="cpu", precision="fp32", engine="torch")
+    ours = load_predictor(stage, exported, engine="onnx")
     assert ours.batch_format == "numpy" and ours.metadata["threshold"] == theirs.metadata["threshold"]
     batch = np.stack([decode_arrays(p, [SIZE])[SIZE] for p in images if p.name != "bad.jpg"])
     want = theirs.predict(torch.from_numpy(batch), return_logits=True, return_features=True)
@@ -290,29 +273,17 @@ def test_missing_onnxruntime_says_how_to_install(exported: Path, monkeypatch: py
 
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` raises ImportError
     with pytest.raises(EngineError, match=r"pip install 'hierarchy\[onnx\]'"):
-        SkinVsNonskin().load_predictor(exported, engine="onnx")
+        load_predictor(SkinVsNonskin(), exported, engine="onnx")
 
 
 def test_onnx_engine_device_and_precision(exported: Path, caplog: pytest.LogCaptureFixture) -> None:
     from stages.skin_vs_nonskin.plugin import SkinVsNonskin
 
     with pytest.raises(EngineError, match="not supported by --engine onnx"):
-        SkinVsNonskin().load_predictor(exported, device="mps", engine="onnx")
+        load_predictor(SkinVsNonskin(), exported, device="mps", engine="onnx")
     with caplog.at_level("WARNING"):
-        SkinVsNonskin().load_predictor(exported, device="cpu", precision="bf16", engine="onnx")
+        load_predictor(SkinVsNonskin(), exported, device="cpu", precision="bf16", engine="onnx")
     assert "fp32 model; --precision bf16 is ignored" in caplog.text
-
-
-def test_plugin_predictor_without_engine_support_is_a_config_error(fake_stages, tmp_path: Path,
-                                                                   capsys: pytest.CaptureFixture) -> None:
-    from fakes import solid
-
-    pipe = tmp_path / "p.yaml"
-    pipe.write_text("name: f\nroot: c\nstages:\n  c: {stage: fake_color, routes: {default: stop}}\n")
-    img = solid(tmp_path / "r.png", (250, 10, 10))
-    assert main(["run", str(pipe), str(img), "--engine", "onnx"]) == 2
-    assert "cannot run with --engine onnx" in capsys.readouterr().err
-    assert main(["run", str(pipe), str(img), "--format", "jsonl"]) == 0  # the torch engine is unaffected
 
 
 def test_router_hands_numpy_batches_to_numpy_predictors(fake_stages, tmp_path: Path) -> None:

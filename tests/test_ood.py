@@ -9,10 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from hierarchy.ood import fit as ood
+from hierarchy.ood import fit, scores
+from hierarchy.train import ood as train_ood
 from hierarchy.core.errors import CheckpointError
-from hierarchy.metrics.classification import ood_auroc
+from hierarchy.metrics.thresholds import ood_auroc
 from hierarchy.config.stage import Prediction
+from hierarchy.train.trainer import train_stage
+from plain_json import assert_plain_json
 
 D = 16
 
@@ -26,24 +29,24 @@ def clusters(n: int = 200, seed: int = 0, scale: float = 1.0) -> tuple[np.ndarra
     return x.astype(np.float32), y
 
 
-def t(a: np.ndarray) -> torch.Tensor:
-    return torch.as_tensor(np.asarray(a, dtype=np.float32))
+def t(a: np.ndarray) -> np.ndarray:
+    return np.asarray(a, dtype=np.float32)
 
 
 # ---------------------------------------------------------------- energy
 
 
 def test_energy_is_monotonic_in_logit_scale() -> None:
-    z = torch.tensor([[3.0, 1.0, 0.5]])
-    scores = [ood.energy_score(z * s).item() for s in (0.5, 1.0, 2.0, 4.0, 8.0)]
-    assert all(a > b for a, b in zip(scores, scores[1:]))  # more confident -> less OOD
+    z = t([[3.0, 1.0, 0.5]])
+    energies = [float(scores.energy_score(z * s)[0]) for s in (0.5, 1.0, 2.0, 4.0, 8.0)]
+    assert all(a > b for a, b in zip(energies, energies[1:]))  # more confident -> less OOD
 
 
 def test_energy_matches_formula_and_is_stable() -> None:
-    z = torch.tensor([[1.0, 2.0], [1000.0, 999.0]])
+    z = t([[1.0, 2.0], [1000.0, 999.0]])
     expected = -np.log(np.exp(1.0) + np.exp(2.0))
-    assert ood.energy_score(z)[0].item() == pytest.approx(expected, rel=1e-6)
-    assert torch.isfinite(ood.energy_score(z)).all()
+    assert float(scores.energy_score(z)[0]) == pytest.approx(expected, rel=1e-6)
+    assert np.isfinite(scores.energy_score(z)).all()
 
 
 # ---------------------------------------------------------------- mahalanobis
@@ -51,39 +54,39 @@ def test_energy_matches_formula_and_is_stable() -> None:
 
 def test_mahalanobis_far_point_scores_higher_than_cluster_points() -> None:
     x, y = clusters()
-    means, precision, shrinkage = ood.fit_mahalanobis(x, y)
+    means, precision, shrinkage = fit.fit_mahalanobis(x, y)
     assert means.shape == (2, D) and precision.shape == (D, D) and 0.0 <= shrinkage <= 1.0
     np.testing.assert_allclose(means[:, 0], [3.0, -3.0], atol=0.4)
     test_in, _ = clusters(50, seed=1)
     far = np.zeros((1, D), np.float32)
     far[0, 1] = 12.0  # 12 along a low-variance axis: far from both clusters
-    s_in = ood.mahalanobis_score(t(test_in), t(means), t(precision)).numpy()
-    s_far = ood.mahalanobis_score(t(far), t(means), t(precision)).numpy()
+    s_in = scores.mahalanobis_score(t(test_in), t(means), t(precision))
+    s_far = scores.mahalanobis_score(t(far), t(means), t(precision))
     assert s_far[0] > s_in.max()
 
 
 def test_mahalanobis_uses_the_covariance_not_euclid() -> None:
     x, y = clusters(2000)
-    means, precision, _ = ood.fit_mahalanobis(x, y)
+    means, precision, _ = fit.fit_mahalanobis(x, y)
     # same Euclidean offset from the class-0 mean, along the low-variance vs high-variance axis
     low, high = means[:1].copy(), means[:1].copy()
     low[0, 1] += 2.0
     high[0, D - 1] += 2.0
-    s_low, s_high = (ood.mahalanobis_score(t(p), t(means), t(precision)).item() for p in (low, high))
+    s_low, s_high = (scores.mahalanobis_score(t(p), t(means), t(precision))[0] for p in (low, high))
     assert s_low > 4 * s_high
 
 
 def test_mahalanobis_is_the_squared_distance_to_the_nearest_mean() -> None:
     means = np.array([[0.0, 0.0], [10.0, 0.0]], np.float32)
     precision = np.eye(2, dtype=np.float32)
-    s = ood.mahalanobis_score(t([[1.0, 1.0], [9.0, 0.0]]), t(means), t(precision)).numpy()
+    s = scores.mahalanobis_score(t([[1.0, 1.0], [9.0, 0.0]]), t(means), t(precision))
     np.testing.assert_allclose(s, [2.0, 1.0], atol=1e-5)
 
 
 def test_shrinkage_keeps_few_samples_invertible() -> None:
     x, y = clusters(12)  # fewer samples than dimensions + classes: the sample covariance is singular
     x = np.c_[x, np.zeros((12, 4), np.float32)]  # and a few dead (always zero) features
-    _, precision, shrinkage = ood.fit_mahalanobis(x, y)
+    _, precision, shrinkage = fit.fit_mahalanobis(x, y)
     assert shrinkage > 0 and np.all(np.isfinite(precision))
 
 
@@ -92,41 +95,41 @@ def test_ledoit_wolf_matches_scikit_learn() -> None:
     x, _ = clusters(300)
     x = x - x.mean(axis=0)
     expected = covariance.ledoit_wolf_shrinkage(x, assume_centered=True)
-    assert ood.ledoit_wolf_shrinkage(x) == pytest.approx(expected, rel=1e-6)
+    assert fit.ledoit_wolf_shrinkage(x) == pytest.approx(expected, rel=1e-6)
 
 
 # ---------------------------------------------------------------- knn
 
 
 def test_knn_distance_known_geometry() -> None:
-    bank = ood.l2_normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]))
-    x = torch.tensor([[2.0, 0.0], [1.0, 1.0]])  # on bank[0]; 45 degrees from bank[0] and bank[1]
-    s1 = ood.knn_score(x, bank, k=1).numpy()
+    bank = scores.l2_normalize(t([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]))
+    x = t([[2.0, 0.0], [1.0, 1.0]])  # on bank[0]; 45 degrees from bank[0] and bank[1]
+    s1 = scores.knn_score(x, bank, k=1)
     np.testing.assert_allclose(s1, [0.0, np.sqrt(2 - np.sqrt(2))], atol=1e-6)
-    s2 = ood.knn_score(x, bank, k=2).numpy()
+    s2 = scores.knn_score(x, bank, k=2)
     np.testing.assert_allclose(s2, [np.sqrt(2), np.sqrt(2 - np.sqrt(2))], atol=1e-6)
-    assert ood.knn_score(x, bank, k=99).shape == (2,)  # k clipped to the bank size
+    assert scores.knn_score(x, bank, k=99).shape == (2,)  # k clipped to the bank size
 
 
 def test_knn_separates_a_far_cluster_and_ignores_scale() -> None:
     x, y = clusters()
-    bank = torch.from_numpy(ood.fit_knn_bank(x, y, size=100).astype(np.float32))
+    bank = fit.fit_knn_bank(x, y, size=100).astype(np.float32)
     assert bank.shape == (100, D)
-    np.testing.assert_allclose(bank.norm(dim=1).numpy(), 1.0, atol=1e-3)
+    np.testing.assert_allclose(np.linalg.norm(bank, axis=1), 1.0, atol=1e-3)
     test_in, _ = clusters(50, seed=1)
     rng = np.random.default_rng(2)
     far = rng.normal(0, 1, (50, D)).astype(np.float32)
     far[:, 5] += 8.0  # a direction the training data never takes
-    s_in, s_out = (ood.knn_score(t(a), bank, 5).numpy() for a in (test_in, far))
+    s_in, s_out = (scores.knn_score(t(a), bank, 5) for a in (test_in, far))
     assert ood_auroc(s_in, s_out) > 0.95
-    np.testing.assert_allclose(ood.knn_score(t(test_in * 7), bank, 5).numpy(), s_in, atol=1e-3)
+    np.testing.assert_allclose(scores.knn_score(t(test_in * 7), bank, 5), s_in, atol=1e-3)
 
 
 def test_stratified_subsample_keeps_every_class() -> None:
     y = np.r_[np.zeros(990, int), np.ones(10, int)]
-    idx = ood.stratified_subsample(y, 100)
+    idx = fit.stratified_subsample(y, 100)
     assert len(idx) <= 100 and set(y[idx]) == {0, 1} and np.all(np.diff(idx) > 0)
-    assert len(ood.stratified_subsample(y[:50], 100)) == 50
+    assert len(fit.stratified_subsample(y[:50], 100)) == 50
 
 
 # ---------------------------------------------------------------- threshold and comparison
@@ -136,15 +139,15 @@ def test_tune_keeps_the_target_share() -> None:
     rng = np.random.default_rng(0)
     s = {"knn": rng.normal(0, 1, 1000)}
     for keep in (0.9, 0.95, 0.99, 1.0):
-        tuned = ood.tune(s, keep)["knn"]
+        tuned = fit.tune(s, keep)["knn"]
         assert tuned["kept"] == pytest.approx(keep, abs=1e-9)
         assert (s["knn"] <= tuned["threshold"]).mean() >= keep
-    assert ood.tune({"e": np.arange(7.0)}, 0.99)["e"]["threshold"] == 6.0  # small n: keep everything
+    assert fit.tune({"e": np.arange(7.0)}, 0.99)["e"]["threshold"] == 6.0  # small n: keep everything
 
 
 def test_compare_reports_auroc_fpr95_and_rejected() -> None:
     s_in, s_out = {"m": np.arange(100.0)}, {"m": np.arange(50.0, 150.0)}
-    row = ood.compare(s_in, s_out, {"m": 98.0})["m"]
+    row = fit.compare(s_in, s_out, {"m": 98.0})["m"]
     assert row["auroc"] == pytest.approx(ood_auroc(s_in["m"], s_out["m"]))
     assert 0.0 < row["fpr95"] < 1.0 and row["rejected"] == pytest.approx(0.51)
 
@@ -152,9 +155,9 @@ def test_compare_reports_auroc_fpr95_and_rejected() -> None:
 # ---------------------------------------------------------------- scorer, storage, predictor
 
 
-def fitted(method: str = "knn") -> ood.OODScorer:
+def fitted(method: str = "knn") -> scores.OODScorer:
     x, y = clusters()
-    scorer, facts = ood.fit_scorer(x, y, method=method, k=3, bank_size=50)
+    scorer, facts = fit.fit_scorer(x, y, method=method, k=3, bank_size=50)
     assert facts["n"] == 200 and facts["bank"] == 50 and facts["k"] == 3 and facts["classes"] == 2
     return scorer
 
@@ -162,65 +165,65 @@ def fitted(method: str = "knn") -> ood.OODScorer:
 def test_scorer_roundtrip_through_safetensors(tmp_path: Path) -> None:
     scorer = fitted("mahalanobis")
     scorer.threshold = 1.5
-    digest = ood.save_scorer(scorer, tmp_path)
-    meta = {"method": "mahalanobis", "threshold": 1.5, "file": ood.OOD_FILE, "sha256": digest, "fit": {"k": 3}}
-    loaded = ood.load_scorer(meta, tmp_path)
-    assert loaded is not None and loaded.available() == list(ood.METHODS) and loaded.threshold == 1.5
+    digest = scores.save_scorer(scorer, tmp_path)
+    meta = {"method": "mahalanobis", "threshold": 1.5, "file": scores.OOD_FILE, "sha256": digest, "fit": {"k": 3}}
+    loaded = scores.load_scorer(meta, tmp_path)
+    assert loaded is not None and loaded.available() == list(scores.METHODS) and loaded.threshold == 1.5
     x, _ = clusters(20, seed=3)
-    logits = torch.randn(20, 2)
-    for m in ood.METHODS:
-        torch.testing.assert_close(loaded.score(t(x), logits, m), scorer.score(t(x), logits, m), atol=1e-2, rtol=1e-3)
-    assert (tmp_path / ood.OOD_FILE).read_bytes()[8:9] == b"{"  # safetensors, never pickle
+    logits = np.random.default_rng(3).normal(size=(20, 2)).astype(np.float32)
+    for m in scores.METHODS:
+        np.testing.assert_allclose(loaded.score(x, logits, m), scorer.score(x, logits, m), atol=1e-2, rtol=1e-3)
+    assert (tmp_path / scores.OOD_FILE).read_bytes()[8:9] == b"{"  # safetensors, never pickle
 
 
 def test_load_scorer_refuses_missing_or_foreign_files(tmp_path: Path) -> None:
-    assert ood.load_scorer(None, tmp_path) is None
-    meta = {"method": "knn", "threshold": 0.5, "file": ood.OOD_FILE, "sha256": "0" * 64}
+    assert scores.load_scorer(None, tmp_path) is None
+    meta = {"method": "knn", "threshold": 0.5, "file": scores.OOD_FILE, "sha256": "0" * 64}
     with pytest.raises(CheckpointError, match="missing"):
-        ood.load_scorer(meta, tmp_path)
-    ood.save_scorer(fitted(), tmp_path)
+        scores.load_scorer(meta, tmp_path)
+    scores.save_scorer(fitted(), tmp_path)
     with pytest.raises(CheckpointError, match="SHA-256"):
-        ood.load_scorer(meta, tmp_path)
+        scores.load_scorer(meta, tmp_path)
 
 
 def test_unknown_or_unfitted_method_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown OOD method"):
-        ood.OODScorer("odin")
+        scores.OODScorer("odin")
     with pytest.raises(ValueError, match="needs statistics"):
-        ood.OODScorer("knn")
-    assert ood.OODScorer("energy").available() == ["energy"]
+        scores.OODScorer("knn")
+    assert scores.OODScorer("energy").available() == ["energy"]
     with pytest.raises(ValueError, match="inconsistent shapes"):
-        ood.OODScorer("knn", bank=torch.zeros(5, 8), means=torch.zeros(2, 4), precision=torch.eye(4))
+        scores.OODScorer("knn", bank=np.zeros((5, 8)), means=np.zeros((2, 4)), precision=np.eye(4))
 
 
 def test_predictor_scores_from_the_same_forward_pass(tmp_path: Path) -> None:
     from hierarchy.models.backbones import create_model
-    from hierarchy.engine.torch_backend import TorchPredictor
+    from hierarchy.engine.predictor import Predictor
     from hierarchy.data.preset import Preset
 
     torch.manual_seed(0)
     model = create_model("resnet18", 2)[0].eval()
     rng = np.random.default_rng(0)
     batch = torch.from_numpy(rng.integers(0, 256, (6, 3, 32, 32), dtype=np.uint8))
-    plain = TorchPredictor(model, ("a", "b"), Preset(size=32), {}, device="cpu", precision="fp32")
+    plain = Predictor.from_torch(model, ("a", "b"), Preset(size=32), device="cpu", precision="fp32")
     ref = plain.predict(batch, return_logits=True, return_features=True)
     x, y = ref.features, np.arange(6) % 2
-    scorer, _ = ood.fit_scorer(x, y, method="knn", k=2)
-    with_ood = TorchPredictor(model, ("a", "b"), Preset(size=32), {}, device="cpu", precision="fp32",
+    scorer, _ = fit.fit_scorer(x, y, method="knn", k=2)
+    with_ood = Predictor.from_torch(model, ("a", "b"), Preset(size=32), device="cpu", precision="fp32",
                               ood_scorer=scorer)
     calls: list[int] = []
-    with_ood.model.register_forward_hook(lambda *_: calls.append(1))
+    with_ood.backend.model.register_forward_hook(lambda *_: calls.append(1))
     pred = with_ood.predict(batch)
     assert len(calls) == 1  # one forward pass gives probs and the OOD score
     assert pred.features is None and pred.ood is not None and pred.ood.dtype == np.float32
-    np.testing.assert_allclose(pred.ood, scorer.score(torch.from_numpy(x), torch.from_numpy(ref.logits)).numpy(),
+    np.testing.assert_allclose(pred.ood, scorer.score(ref.features, ref.logits),
                                atol=1e-4)
     np.testing.assert_allclose(pred.probs, ref.probs, atol=1e-6)
 
 
 def test_metadata_entry_is_plain_json() -> None:
-    row = ood.compare({"m": np.arange(5.0)}, {"m": np.arange(5.0) + 3})
-    json.dumps(row)  # floats or None, no numpy scalars
+    row = fit.compare({"m": np.arange(5.0)}, {"m": np.arange(5.0) + 3})
+    assert_plain_json(row)
 
 
 def test_fitting_can_be_turned_off() -> None:
@@ -228,7 +231,7 @@ def test_fitting_can_be_turned_off() -> None:
 
     from hierarchy.config.train import TrainConfig
 
-    assert ood.fit_for_run(SimpleNamespace(cfg=TrainConfig(ood=False)), None) == {}  # type: ignore[arg-type]
+    assert train_ood.fit_for_run(SimpleNamespace(cfg=TrainConfig(ood=False)), None) == {}  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------- router: reject and stop
@@ -321,7 +324,7 @@ def trained_gate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, 
     cls = get_stage("skin_vs_nonskin")
     cfg = load_stage_config(cls, train={"pretrained": "none", "img_size": 32, "epochs": 2, "batch_size": 32,
                                         "device": "cpu", "workers": 0, "out": str(root / "runs")})
-    run = cls(cfg).train(root / "data", progress=False)
+    run = train_stage(cls(cfg), root / "data", progress=False)
     pipe = root / "pipe.yaml"
     pipe.write_text(SYNTH_PIPE.format(run=run))
     return run, pipe, root / "data"
@@ -340,8 +343,8 @@ def test_generated_textures_are_rejected_and_val_kept(trained_gate: tuple[Path, 
 
     run, pipe, data = trained_gate
     meta = json.loads((run / "metadata.json").read_text())["ood"]
-    assert meta["method"] == ood.DEFAULT_METHOD and meta["keep"] == 0.99 and (run / ood.OOD_FILE).is_file()
-    assert set(meta["methods"]) == set(ood.METHODS) and meta["fit"]["split"] == "train"
+    assert meta["method"] == scores.DEFAULT_METHOD and meta["keep"] == 0.99 and (run / scores.OOD_FILE).is_file()
+    assert set(meta["methods"]) == set(scores.METHODS) and meta["fit"]["split"] == "train"
     textures = make_ood(tmp_path / "textures", n=60, size=(48, 36), seed=7)
     recs = run_cli(pipe, [textures], tmp_path / "ood.jsonl")
     rejected = [r for r in recs if r["status"] == "rejected"]

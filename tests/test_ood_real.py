@@ -15,6 +15,9 @@ import pytest
 import torch
 
 from hierarchy.ood import fit as ood
+from hierarchy.data.builder import build_dataset
+from hierarchy.engine.predictor import load_predictor
+from hierarchy.train.trainer import train_stage
 
 pytestmark = pytest.mark.real_data
 
@@ -74,9 +77,9 @@ def gate(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     cfg.dataset.val_fraction, cfg.dataset.test_fraction = 0.2, 0.2
     cfg.dataset.sources[0].max_images = 1000  # HAM10000 capped; COCO has 256 images here
     stage = cls(cfg)
-    stage.build_dataset(root / "ds", roots={"ham10000": real_data / "ham10000", "coco": real_data / "coco"},
-                        progress=False)
-    run = stage.train(root / "ds", progress=False)
+    build_dataset(cfg.dataset, root / "ds", labels=stage.labels, stage=stage.name,
+                  roots={"ham10000": real_data / "ham10000", "coco": real_data / "coco"}, progress=False)
+    run = train_stage(stage, root / "ds", progress=False)
     (root / "pipe.yaml").write_text(PIPE.format(run=run))
     return {"root": root, "run": run, "stage": stage, "pipe": root / "pipe.yaml"}
 
@@ -107,7 +110,7 @@ def test_real_near_and_far_ood(real_data: Path, gate: dict[str, Any], tmp_path: 
     from hierarchy.data.synth import make_ood
 
     meta = json.loads((gate["run"] / "metadata.json").read_text())["ood"]
-    predictor = gate["stage"].load_predictor(gate["run"], device="cpu")
+    predictor = load_predictor(gate["stage"], gate["run"], device="cpu")
     samples = load_samples(gate["root"] / "ds")
     split = {s: [x for x in samples if x.split == s] for s in ("train", "test")}
     med = medical_images(tmp_path / "medical")

@@ -16,7 +16,10 @@ import torch
 from test_onnx_engine import SIZE, make_exported, make_images
 
 from hierarchy.core.errors import EngineError
-from hierarchy.engine.openvino_backend import select_precision
+from hierarchy.core.errors import ConfigError
+from hierarchy.core.precision import check_precision
+from hierarchy.engine.backends.openvino_backend import select_precision
+from hierarchy.engine.predictor import load_predictor
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +39,8 @@ def test_openvino_precision_follows_the_cpu(caplog: pytest.LogCaptureFixture) ->
         assert select_precision(["FP32"], "bf16") == "fp32"
     assert "not supported natively" in caplog.text
     assert select_precision(["FP32", "FP16"], "fp16") == "fp16"
-    with pytest.raises(EngineError, match="unknown precision"):
-        select_precision(["FP32"], "int4")
+    with pytest.raises(ConfigError, match="--precision: unknown precision 'int4'"):
+        check_precision("int4")  # the one list of precisions, checked before any engine loads
 
 
 def test_openvino_engine_agrees_with_torch_in_its_own_precision(exported: Path, images: list[Path]) -> None:
@@ -46,8 +49,8 @@ def test_openvino_engine_agrees_with_torch_in_its_own_precision(exported: Path, 
     from hierarchy.data.decode import decode_arrays
 
     stage = SkinVsNonskin()
-    ours = stage.load_predictor(exported, device="cpu", precision="auto", engine="openvino")
-    theirs = stage.load_predictor(exported, device="cpu", precision=ours.precision)
+    ours = load_predictor(stage, exported, device="cpu", precision="auto", engine="openvino")
+    theirs = load_predictor(stage, exported, device="cpu", precision=ours.precision, engine="torch")
     assert ours.batch_format == "numpy" and ours.precision in {"bf16", "fp32"}
     batch = np.stack([decode_arrays(p, [SIZE])[SIZE] for p in images if p.name != "bad.jpg"])
     got, want = ours.predict(batch), theirs.predict(torch.from_numpy(batch))
@@ -60,7 +63,7 @@ def test_openvino_engine_failures_are_typed(exported: Path, monkeypatch: pytest.
     from stages.skin_vs_nonskin.plugin import SkinVsNonskin
 
     with pytest.raises(EngineError, match="not supported by --engine openvino"):
-        SkinVsNonskin().load_predictor(exported, device="cuda", engine="openvino")
+        load_predictor(SkinVsNonskin(), exported, device="cuda", engine="openvino")
     monkeypatch.setitem(sys.modules, "openvino", None)  # `import openvino` raises ImportError
     with pytest.raises(EngineError, match=r"pip install 'hierarchy\[openvino\]'"):
-        SkinVsNonskin().load_predictor(exported, engine="openvino")
+        load_predictor(SkinVsNonskin(), exported, engine="openvino")

@@ -77,3 +77,25 @@ def test_shipped_and_generated_plugins_declare_the_current_version(tmp_path):
         assert declared_api(path.read_text()) == PLUGIN_API_VERSION, path
     generated = render(validate("acne_type", ("a", "b")))["hierarchy_acne_type/plugin.py"]
     assert declared_api(generated) == PLUGIN_API_VERSION
+
+
+def test_stage_overriding_removed_hooks_is_a_named_failure(no_autoload):
+    """Plugin API 1 stages could override build_dataset/train; the engine no longer calls them, so an
+    override is refused loudly instead of being silently ignored."""
+    from hierarchy import Stage
+    from registry import get_registry, register_plugin
+
+    class OldStyle(Stage):
+        name = "old_style"
+        labels = ("a", "b")
+
+        def train(self, data, out=None):  # type: ignore[no-untyped-def]
+            return out
+
+    module = types.ModuleType("old_plugin")
+    module.register_stages = lambda register: register(OldStyle)
+    module.register_stages = __import__("registry").hookimpl(module.register_stages)
+    register_plugin(module, name="old")
+    [failure] = get_registry().failures
+    assert failure.phase == "register" and "old_style" not in get_registry().stages
+    assert "overrides train, which stages no longer have" in failure.error

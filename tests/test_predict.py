@@ -2,18 +2,19 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from hierarchy.engine import torch_backend as predict
-from hierarchy.models.checkpoint import CheckpointMetadata, save_weights, update_metadata, write_metadata
+from hierarchy.models import device as predict
+from hierarchy.models.checkpoint import save_weights
+from hierarchy.models.metadata import CheckpointMetadata, update_metadata, write_metadata
 from hierarchy.core.errors import HierarchyError
 from hierarchy.models.backbones import create_model
-from hierarchy.engine.torch_backend import TorchPredictor, load_predictor, select_device, select_precision
+from hierarchy.engine.predictor import Predictor, load_predictor
+from hierarchy.models.device import select_device, select_precision
 from hierarchy.data.preset import Preset
 from hierarchy.config.stage import Stage
 
@@ -24,9 +25,6 @@ SIZE = 32
 class TriStage(Stage):
     name = "tri"
     labels = LABELS
-
-    def build_dataset(self, out: Path, **overrides: Any) -> Path:
-        raise NotImplementedError
 
 
 def images(n: int = 4, seed: int = 0) -> list[Image.Image]:
@@ -51,8 +49,9 @@ def batch() -> torch.Tensor:
     return torch.stack([preset.to_uint8(img) for img in images()])
 
 
-def predictor(model: torch.nn.Module, precision: str = "fp32", temperature: float = 1.0) -> TorchPredictor:
-    return TorchPredictor(model, LABELS, Preset(size=SIZE), {}, device="cpu", precision=precision, temperature=temperature)
+def predictor(model: torch.nn.Module, precision: str = "fp32", temperature: float = 1.0) -> Predictor:
+    return Predictor.from_torch(model, LABELS, Preset(size=SIZE), device="cpu", precision=precision,
+                                temperature=temperature)
 
 
 # ---------------------------------------------------------------- device and precision
@@ -60,9 +59,17 @@ def predictor(model: torch.nn.Module, precision: str = "fp32", temperature: floa
 
 def test_select_device() -> None:
     assert select_device("cpu") == torch.device("cpu")
-    assert select_device("auto").type in ("cpu", "cuda", "mps")
     with pytest.raises(HierarchyError, match="invalid device 'gpu0'"):
         select_device("gpu0")
+
+
+@pytest.mark.parametrize(("cuda", "mps", "expected"),
+                         [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")])
+def test_select_device_auto_prefers_cuda_then_mps(monkeypatch: pytest.MonkeyPatch, cuda: bool, mps: bool,
+                                                  expected: str) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    assert select_device("auto") == torch.device(expected)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -151,9 +158,9 @@ def test_load_predictor_from_run_dir(tmp_path: Path, model: torch.nn.Module, bat
     write_metadata(run / "metadata.json", meta)
     update_metadata(run, temperature=1.5)
 
-    loaded = TriStage().load_predictor(run, device="cpu", precision="fp32")
+    loaded = load_predictor(TriStage(), run, device="cpu", precision="fp32", engine="torch")
     assert loaded.labels == list(LABELS) and loaded.temperature == 1.5 and loaded.preset == Preset(size=SIZE)
-    assert loaded.metadata["stage"] == "tri" and not loaded.model.training
+    assert loaded.metadata["stage"] == "tri" and not loaded.backend.model.training
     expected = predictor(model, temperature=1.5).predict(batch).probs
     np.testing.assert_allclose(loaded.predict(batch).probs, expected, atol=1e-5)
     via_file = load_predictor(TriStage(), run / "best.safetensors", device="cpu", precision="fp32")

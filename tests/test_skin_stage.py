@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from hierarchy.commands.cli import main
+from hierarchy.engine.predictor import load_predictor
 
 TINY = ["--pretrained", "none", "--img-size", "32", "--batch-size", "8", "--max-steps", "2"]
 
@@ -109,9 +110,9 @@ def test_predictor_refuses_checkpoint_of_other_stage(run_dir, tmp_path):
         labels = ("non-skin", "skin")
 
     with pytest.raises(CheckpointError, match="other_stage"):
-        Other().load_predictor(run_dir)
+        load_predictor(Other(), run_dir)
     with pytest.raises(CheckpointError, match=str(run_dir)):
-        Relabelled().load_predictor(run_dir)
+        load_predictor(Relabelled(), run_dir)
 
 
 def test_config_file_mirrors_defaults():
@@ -151,6 +152,6 @@ def test_train_survives_a_last_batch_of_one(tmp_path):
     assert main(["train", "skin_vs_nonskin", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "runs"),
                  "--pretrained", "none", "--img-size", "32", "--batch-size", "3", "--epochs", "1"]) == 0
     meta = json.loads((tmp_path / "runs" / "skin_vs_nonskin" / "train" / "metadata.json").read_text())
-    from hierarchy.engine.torch_backend import cpu_supports_bf16
+    from hierarchy.models.device import cpu_supports_bf16
 
     assert meta["precision"] == ("bf16" if cpu_supports_bf16() else "fp32")  # auto: bf16 autocast where native

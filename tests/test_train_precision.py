@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import hierarchy.engine.torch_backend as predict
+import hierarchy.models.device as predict
 from hierarchy.train import trainer as train
 
 

@@ -16,10 +16,18 @@ def positive_int(text: str) -> int:
 
 
 def add_inference_options(p: argparse.ArgumentParser, workers: bool = True) -> None:
-    """--batch-size, --device, --precision (and --workers): the options of every command that predicts."""
+    """--batch-size, --device, --precision, --engine (and --workers): the options of every command
+    that predicts. Engine names are checked by the engine registry, the one place that knows them."""
+    from hierarchy.core.precision import PRECISIONS
+    from hierarchy.engine.backends import ENGINES, engine_names
+
     p.add_argument("--batch-size", type=positive_int, default=32, metavar="N")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N|mps (default: auto)")
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="auto: bf16 on CPUs with AVX512-BF16/AMX and on CUDA, else fp32")
+    engines = "; ".join(f"{name}: {spec.summary}" for name, spec in ENGINES.items())
+    p.add_argument("--engine", default="auto", metavar="|".join(engine_names()),
+                   help=f"auto (default): an exported engine whose runtime is installed and whose export is "
+                   f"up to date, else torch (the log says which and why); {engines}")
     if workers:
         p.add_argument("--workers", type=positive_int, default=None, metavar="N", help="decode threads (default: cores)")

@@ -67,6 +67,8 @@ def run_demo(out: Path, size: DemoSize = FULL, device: str = "auto") -> int:
     from hierarchy.commands.cli import main as cli_main
     from hierarchy.config.load import load_stage_config
     from hierarchy.core.fsutil import atomic_write_text
+    from hierarchy.data.builder import build_dataset
+    from hierarchy.train.trainer import train_stage
 
     start = time.perf_counter()
     out = Path(out)
@@ -80,9 +82,10 @@ def run_demo(out: Path, size: DemoSize = FULL, device: str = "auto") -> int:
         "max_steps_per_epoch": size.max_steps, "device": device, "out": str(out / "runs"), "name": "demo"})
     stage = cls(config)
     say("building the dataset (HAM10000 split by lesion_id, COCO by image)")
-    stage.build_dataset(out / "dataset", roots={"ham10000": ham, "coco": coco})
+    build_dataset(config.dataset, out / "dataset", labels=stage.labels, stage=stage.name,
+                  roots={"ham10000": ham, "coco": coco})
     say(f"training ResNet18 from scratch at {size.img_size}px for {size.epochs} epoch(s)")
-    run_dir = stage.train(out / "dataset")
+    run_dir = train_stage(stage, out / "dataset")
     pipeline = out / "pipeline.yaml"
     atomic_write_text(pipeline, PIPELINE.format(weights=run_dir.resolve() / "best.safetensors"))
     say(f"running `hierarchy run {pipeline} {held}` on {len(list(held.glob('*.jpg')))} held-back generated images")

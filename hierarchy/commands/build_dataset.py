@@ -7,8 +7,9 @@ import json
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("build-dataset", help="build a stage's dataset manifest from its sources",
-                       description="Scan the stage's sources (HAM10000, COCO, folders), split without leaks "
-                       "(HAM10000 by lesion_id), balance, and write manifest.csv + dataset.json into --out.")
+                       description="Scan the stage's sources (HAM10000, COCO, folders, types from plugins), "
+                       "split without leaks (HAM10000 by lesion_id), balance, and write manifest.csv + dataset.json "
+                       "into --out.")
     p.add_argument("stage", help="stage name (see `hierarchy stages`)")
     p.add_argument("--config", metavar="FILE", help="stage config YAML (dataset: and train: sections)")
     p.add_argument("--ham10000", metavar="DIR", help="root of the HAM10000 source")
@@ -27,12 +28,13 @@ def run(args: argparse.Namespace) -> int:
     from registry import get_stage
 
     from hierarchy.config.load import load_stage_config, parse_source_roots
+    from hierarchy.data.builder import build_dataset
 
     cls = get_stage(args.stage)
     config = load_stage_config(cls, args.config, dataset={"seed": args.seed, "materialize": args.materialize})
     roots = parse_source_roots(args.source, ham10000=args.ham10000, coco=args.coco)
     out = Path(args.out or Path("datasets") / cls.name)
-    summary = cls(config).build_dataset(out, roots=roots, materialize=config.dataset.materialize)
+    summary = build_dataset(config.dataset, out, labels=cls.labels, stage=cls.name, roots=roots)
     print(json.dumps({"out": str(out), "counts": summary.get("counts"), "problems": _problem_counts(summary)}, indent=2))
     return 0
 

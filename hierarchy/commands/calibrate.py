@@ -54,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
 
     summary = calibrate_run(Path(args.run_dir), Path(args.data), split=args.split, target=target_from_args(args),
                             refit_temperature=args.temperature, device=args.device, precision=args.precision,
+                            engine=args.engine,
                             batch_size=args.batch_size)
     print(json.dumps(summary, indent=2) if args.format == "json" else render(summary))
     return 0

@@ -39,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
 
     pipe = load_pipeline(args.pipeline)
     ev = evaluate(pipe, Path(args.data), split=args.split, batch_size=args.batch_size, device=args.device,
-                  precision=args.precision, workers=args.workers, ood=Path(args.ood) if args.ood else None)
+                  precision=args.precision, engine=args.engine, workers=args.workers,
+                  ood=Path(args.ood) if args.ood else None)
     ev.report["pipeline"]["file"] = str(args.pipeline)
     out = write_evaluation(ev, Path(args.out) if args.out else Path("runs") / "evaluate" / safe_name(pipe.name))
     if args.format == "json":

@@ -18,10 +18,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=("table", "json", "jsonl", "csv"), default="table")
     p.add_argument("-o", "--output", metavar="FILE", help="write results here (atomically) instead of stdout")
     add_inference_options(p)
-    p.add_argument("--engine", choices=("torch", "onnx", "openvino"), default="torch",
-                   help="torch (default); onnx: ONNX Runtime on the models written by `hierarchy export`, "
-                   "without torch (fast start, fp32); openvino: OpenVINO on the same files, without torch "
-                   "(bf16 on capable CPUs, the highest throughput measured on CPU)")
     p.set_defaults(func=run)
 
 

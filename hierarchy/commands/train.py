@@ -70,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
     from registry import get_stage
 
     from hierarchy.config.load import load_stage_config
+    from hierarchy.train.trainer import train_stage
 
     cls = get_stage(args.stage)
     overrides = {k: getattr(args, k) for k in TRAIN_FLAGS}
@@ -85,6 +86,6 @@ def run(args: argparse.Namespace) -> int:
     if args.threshold_target is _NONE:  # None overrides are "not given" in load_stage_config
         config = config.model_copy(update={"train": config.train.model_copy(update={"threshold_target": None})})
     data = Path(args.data) if args.data else (None if args.resume else Path("datasets") / cls.name)
-    run_dir = cls(config).train(data, resume=Path(args.resume) if args.resume else None)
+    run_dir = train_stage(cls(config), data, resume=Path(args.resume) if args.resume else None)
     print(run_dir)
     return 0

@@ -1,9 +1,10 @@
 """The Stage interface: what a plugin implements to add a classifier to a pipeline.
 
-A stage is a class with a ``name``, ordered ``labels`` and a nested pydantic ``Config`` whose
-``dataset.sources`` default says where its images and labels come from. Building the dataset,
-training and prediction come from the engine's shared builder, trainer and predictor; a stage
-overrides a method only when it needs something else (tests do, with fake predictors).
+A stage is a class with a ``name``, ordered ``labels``, a ``description`` and the ``sources`` its
+images and labels come from by default (or a ``Config`` subclass, for stages that add settings).
+It is a pure declaration: the dataset builder (``hierarchy.data.builder.build_dataset``), the
+trainer (``hierarchy.train.trainer.train_stage``) and the engine's shared predictor do the work;
+``load_predictor`` is an optional override for stages that predict some other way.
 """
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from hierarchy.config.dataset import DatasetConfig
 from hierarchy.config.train import TrainConfig
+from hierarchy.data.dataset_config import DatasetConfig
+from hierarchy.data.sources import Source
 
 if TYPE_CHECKING:
     import numpy as np
@@ -62,53 +64,44 @@ class StageConfig(BaseModel):
 
 
 class Stage(ABC):
-    """One classifier in a cascade. Subclass, set ``name``/``labels``, write ``build_dataset``."""
+    """One classifier in a cascade. Subclass and set ``name``, ``labels``, ``description`` and
+    ``sources`` (the default ``config.dataset.sources``); set ``Config`` too only to add settings."""
 
     name: ClassVar[str]
     labels: ClassVar[tuple[str, ...]]
     description: ClassVar[str] = ""
+    sources: ClassVar[tuple[Source, ...]] = ()
     Config: ClassVar[type[StageConfig]] = StageConfig
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.sources and ("sources" in vars(cls) or "Config" in vars(cls)):
+            cls.Config = _config_with_sources(cls.Config, tuple(cls.sources), cls)
 
     def __init__(self, config: StageConfig | None = None):
         self.config = config if config is not None else self.Config()
 
-    def build_dataset(self, out: Path, *, roots: "dict[str, Path] | None" = None,
-                      materialize: str | None = None, progress: bool = True) -> dict[str, Any]:
-        """Write ``manifest.csv`` + ``dataset.json`` into ``out`` from ``config.dataset.sources``."""
-        from hierarchy.data.builder import build_dataset
-
-        return build_dataset(self.config.dataset, Path(out), labels=self.labels, stage=self.name, roots=roots,
-                             materialize=materialize, progress=progress)
-
-    def train(self, data: Path | None, out: Path | None = None, *, resume: Path | None = None,
-              progress: bool = True) -> Path:
-        """Train on a manifest or ImageFolder tree (``config.train``); return the run directory."""
-        from hierarchy.train.trainer import train_stage
-
-        return train_stage(self, data, out, resume=resume, progress=progress)
-
-    def load_predictor(self, weights: Path, device: str = "auto", precision: str = "auto",
-                       engine: str = "torch") -> Predictor:
-        """Load a trained checkpoint (file or run directory) for inference. ``engine="onnx"`` loads
-        the model ``hierarchy export`` wrote beside the weights and runs it with ONNX Runtime,
-        ``engine="openvino"`` compiles the same file with OpenVINO (bf16 where the CPU has it); neither
-        imports torch. An override without an ``engine`` parameter keeps working with the torch engine."""
-        if engine == "onnx":
-            from hierarchy.engine.onnx_backend import load_onnx_predictor
-
-            return load_onnx_predictor(self, weights, device=device, precision=precision)
-        if engine == "openvino":
-            from hierarchy.engine.openvino_backend import load_openvino_predictor
-
-            return load_openvino_predictor(self, weights, device=device, precision=precision)
-        if engine != "torch":
-            from hierarchy.core.errors import ConfigError
-
-            raise ConfigError("command line", [f"--engine: unknown engine {engine!r}; use torch, onnx or openvino"])
-        from hierarchy.engine.torch_backend import load_predictor
-
-        return load_predictor(self, weights, device=device, precision=precision)
+    def load_predictor(self, weights: Path | None, *, device: str = "auto", precision: str = "auto",
+                       engine: str = "auto") -> "Predictor | None":
+        """Override to load a predictor of your own (a non-neural model, a remote service, a test
+        fake). The default returns None: the engine loads its shared predictor for ``weights`` on
+        ``engine`` (see :func:`hierarchy.engine.predictor.load_predictor`)."""
+        return None
 
     @classmethod
     def info(cls) -> dict[str, Any]:
         return {"name": cls.name, "labels": list(cls.labels), "description": cls.description}
+
+
+def _config_with_sources(base: type[StageConfig], sources: tuple[Source, ...], stage: type) -> type[StageConfig]:
+    """``base`` whose ``dataset`` default lists ``sources`` (fresh copies per config), named
+    ``<Stage>.Config`` so that pickle finds it."""
+
+    def dataset() -> DatasetConfig:
+        default = base.model_fields["dataset"].get_default(call_default_factory=True)
+        return type(default).model_validate({**dict(default), "sources": [s.model_copy(deep=True) for s in sources]})
+
+    model = create_model(f"{stage.__name__}Config", __base__=base, __module__=stage.__module__,
+                         dataset=(base.model_fields["dataset"].annotation, Field(default_factory=dataset)))
+    model.__qualname__ = f"{stage.__qualname__}.Config"
+    return model

@@ -175,4 +175,4 @@ def with_line(loc: Loc, msg: str, lines: dict[Loc, int]) -> str:
 def _is_union_tag(part: Any) -> bool:
     # pydantic puts the union member / literal name into loc ("float", "literal['auto']"); not a YAML key
     return isinstance(part, str) and (part.startswith(("literal[", "function-")) or part in {
-        "float", "int", "str", "bool", "constrained-float", "constrained-int", "ham10000", "coco", "folder"})
+        "float", "int", "str", "bool", "constrained-float", "constrained-int"})

@@ -1,6 +1,7 @@
 """The shared dataset builder: sources -> group-wise stratified split -> balance -> ``manifest.csv``.
 
-``build_dataset`` is what every stage's ``build_dataset`` calls. Output (all inside ``out``):
+``build_dataset(stage.config.dataset, out, labels=stage.labels, stage=stage.name)`` builds a stage's
+dataset; each source lists its own items (``Source.collect``). Output (all inside ``out``):
 
 * ``manifest.csv`` -- ``path,label,split,source,group``; paths relative to ``out`` where possible,
   rows sorted, so the same inputs always give the same bytes;
@@ -25,10 +26,10 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from hierarchy.config.dataset import DatasetConfig, Source
 from hierarchy.core.errors import DatasetError
 from hierarchy.core.fsutil import atomic_write_json, atomic_write_text, atomic_write_with
-from hierarchy.data.sources import Item, Problems, check_labels, collect, dedupe, source_labels, subsample, verify
+from hierarchy.data.dataset_config import DatasetConfig
+from hierarchy.data.sources import Item, Problems, Source, check_labels, dedupe, subsample, verify
 
 FORMAT = "hierarchy.dataset"
 FORMAT_VERSION = 1
@@ -112,22 +113,18 @@ def _resolve_roots(config: DatasetConfig, roots: Mapping[str, Path] | None) -> l
     return [(s, Path(os.path.expanduser(roots.get(s.key, s.root)))) for s in config.sources]
 
 
-def _gather(
-    resolved: list[tuple[Source, Path]],
-    config: DatasetConfig,
-    labels: list[str],
-    stage: str,
-    problems: Problems,
-    out_abs: str,
-    progress: bool,
-) -> tuple[list[Item], dict[str, dict[str, Any]]]:
+def _gather(resolved: list[tuple[Source, Path]], config: DatasetConfig, labels: list[str], stage: str,
+            problems: Problems, out_abs: str, progress: bool) -> tuple[list[Item], dict[str, dict[str, Any]]]:
+    """Every source's items (its own ``collect``), label-checked, capped, de-duplicated, verified."""
     items: list[Item] = []
     stats: dict[str, dict[str, Any]] = {}
     for source, root in resolved:
-        check_labels(source.key, source_labels(source), labels, stage)
+        check_labels(source.key, source.labels(), labels, stage)
+        if not root.is_dir():
+            raise DatasetError(f"source {source.key!r}: root {str(root)!r} is not a directory")
         root_abs = os.path.abspath(root)
         exclude = Path(out_abs) if out_abs.startswith(root_abs + os.sep) else None
-        found = collect(source, root, problems, exclude=exclude)
+        found = source.collect(root, problems, exclude=exclude)
         check_labels(source.key, {it.label for it in found}, labels, stage)
         chosen = subsample(found, source.max_images, config.seed, source.key)
         stats[source.key] = {"type": source.type, "root": root_abs, "found": len(found)}

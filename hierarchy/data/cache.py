@@ -20,12 +20,10 @@ import hashlib
 import json
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from hierarchy.core.errors import ImageError
 from hierarchy.core.fsutil import atomic_write_json
 
 if TYPE_CHECKING:
@@ -37,6 +35,7 @@ log = logging.getLogger("hierarchy.cache")
 
 CACHE_DIR = ".hierarchy-cache"
 CACHE_VERSION = 1
+FILL_CHUNK = 64  # images decoded per chunk while the cache is built
 
 
 @dataclass
@@ -137,23 +136,25 @@ def _build(npy: Path, samples: Sequence["Sample"], size: int, threads: int, prog
 
     atomic_write_with(npy, write)
     return bad
-    return bad
 
 
 def _fill(out: Any, samples: Sequence["Sample"], size: int, threads: int, progress: bool) -> list[int]:
+    """Decode every sample into its row of ``out``; returns the rows that could not be decoded."""
     from tqdm import tqdm
 
-    from hierarchy.data.decode import decode_uint8
+    from hierarchy.data.batches import decode_batches, decode_item
+    from hierarchy.data.preset import Preset
 
-    def one(i: int) -> int | None:
-        try:
-            out[i] = decode_uint8(samples[i].path, [size])[size].numpy()
-        except ImageError as exc:
-            log.warning("cache: skipping %s", exc)
-            return i
-        return None
-
-    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        results = pool.map(one, range(len(samples)))
-        done = tqdm(results, total=len(samples), desc="cache", unit="img", disable=not progress or None, leave=False)
-        return [i for i in done if i is not None]
+    preset, bad, row = Preset(size=size), [], 0
+    batches = decode_batches((s.path for s in samples), lambda p: decode_item(p, [preset]), FILL_CHUNK, max(1, threads))
+    with tqdm(total=len(samples), desc="cache", unit="img", disable=not progress or None, leave=False) as bar:
+        for items in batches:
+            for item in items:
+                if item.error is None:
+                    out[row] = item.array(preset)
+                else:
+                    log.warning("cache: skipping %s", item.error)
+                    bad.append(row)
+                row += 1
+            bar.update(len(items))
+    return bad

@@ -103,11 +103,28 @@ def load_image(
     sides are still >= ``draft_size``; the output may then be smaller than the original.
     ``max_pixels`` applies to the size that will actually be decoded (after drafting).
     """
-    if draft_size is not None and draft_size < 1:
-        raise ValueError(f"draft_size must be >= 1, got {draft_size}")
-    data = _read_file(path, max_bytes)
+    _check_draft_size(draft_size)
+    data = read_image_bytes(path, max_bytes)
+    return decode_image_bytes(path, data, max_pixels=max_pixels, draft_size=draft_size)
+
+
+def decode_image_bytes(
+    path: str | os.PathLike,
+    data: bytes,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    draft_size: int | None = None,
+) -> Image.Image:
+    """:func:`load_image` for the bytes of ``path`` already read (by :func:`read_image_bytes`):
+    the same checks, conversion rules and typed errors (naming ``path``), without reading again."""
+    _check_draft_size(draft_size)
     img = _decode(path, data, max_pixels, draft_size)
     return _finish(path, img)
+
+
+def _check_draft_size(draft_size: int | None) -> None:
+    if draft_size is not None and draft_size < 1:
+        raise ValueError(f"draft_size must be >= 1, got {draft_size}")
 
 
 def iter_image_files(root: str | os.PathLike) -> Iterator[Path]:
@@ -164,8 +181,10 @@ def _is_image_file(entry: os.DirEntry) -> bool:
 # --------------------------------------------------------------------------- reading
 
 
-def _read_file(path: str | os.PathLike, max_bytes: int) -> bytes:
-    """Open without blocking (a fifo must not hang us), check it is a regular file, read it."""
+def read_image_bytes(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+    """The bytes of ``path``, read once, or :class:`ImageError` (``not_found``, ``not_a_file``,
+    ``unreadable``, ``empty``, ``too_large``). Opens without blocking (a fifo must not hang us)
+    and checks it is a regular file before reading."""
     fs_path = os.fspath(path)
     try:
         fd = os.open(fs_path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)

@@ -20,8 +20,8 @@ import numpy as np
 from hierarchy.core.errors import ConfigError, ExportError
 from hierarchy.core.fsutil import atomic_write_with, sha256_file
 from hierarchy.models.metadata import read_metadata, resolve_checkpoint, update_metadata
-from hierarchy.engine.onnx_backend import EXPORT_KEY, INPUT_NAME, OUTPUT_NAMES, export_entries, export_key, import_onnxruntime, \
-    onnx_path_for
+from hierarchy.engine.exported import EXPORT_KEY, INPUT_NAME, OUTPUT_NAMES, export_entries, export_key, \
+    import_runtime, onnx_path_for
 
 if TYPE_CHECKING:
     import torch
@@ -112,15 +112,9 @@ def _entry(out_path: Path, weights: Path, source_sha256: str, opset: int, facts:
 
 def _build(meta: "CheckpointMetadata", weights: Path) -> "nn.Module":
     """The checkpoint's fp32 model in eval mode, wrapped to return (logits, features)."""
-    from hierarchy.models import resnet as native_resnet
-    from hierarchy.models.checkpoint import check_state_dict, load_weights
-    from hierarchy.models.backbones import model_from_arch
+    from hierarchy.engine.backends.torch_backend import build_model
 
-    model = native_resnet.build(meta.arch) if native_resnet.supports(meta.arch) else model_from_arch(meta.arch)
-    state = load_weights(weights)
-    check_state_dict(model, state, weights, meta.arch)
-    model.load_state_dict(state, strict=True)
-    return _with_features(model.float().eval())
+    return _with_features(build_model(meta, weights).float().eval())
 
 
 def _with_features(model: "nn.Module") -> "nn.Module":
@@ -209,7 +203,7 @@ def _verify(module: "nn.Module", tmp: Path, size: int, out_path: Path) -> dict[s
     """Run torch and ONNX Runtime on random normalised inputs; refuse a difference > TOLERANCE."""
     import torch
 
-    ort = import_onnxruntime()
+    ort = import_runtime("onnxruntime", "onnx", "onnx")
     session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
     worst = {"logits": 0.0, "features": 0.0}

@@ -5,28 +5,25 @@ Images sitting at the same stage are grouped and that stage's predictor is calle
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from hierarchy.core.errors import ConfigError, HierarchyError, ImageError
+from hierarchy.core.errors import ConfigError, HierarchyError
+from hierarchy.data.batches import Decoded, decode_batches, decode_item
+from hierarchy.engine.backends import AUTO, get_engine
 from hierarchy.engine.pipeline import STOP, Pipeline
 
 if TYPE_CHECKING:
-    from PIL import Image
-
-    from hierarchy.data.preset import Preset
-    from hierarchy.config.stage import Predictor
+    from hierarchy.config.stage import Predictor, Stage
 
 log = logging.getLogger("hierarchy.router")
 
-ENGINES = ("torch", "onnx", "openvino")
-DEFAULT_ENGINE = "torch"
 
 
 @dataclass
@@ -36,39 +33,6 @@ class LoadedStage:
     predictor: "Predictor"
     threshold: float | None = None
     ood_threshold: float | None = None
-
-
-@dataclass
-class Decoded:
-    """One input after decoding: the image (or the error) plus uint8 (3, S, S) arrays cached per
-    preset (numpy; torch tensors given by older callers are accepted too)."""
-
-    path: Path
-    image: "Image.Image | None" = None
-    error: HierarchyError | None = None
-    tensors: dict | None = None
-
-    def array(self, preset: "Preset") -> Any:
-        """The (3, S, S) uint8 numpy array for ``preset``: made at decode time, or now from ``image``."""
-        self.tensors = self.tensors or {}
-        key = preset_key(preset)
-        if key not in self.tensors:
-            if self.image is None:
-                raise HierarchyError(f"{self.path}: not decoded for size {preset.size}")
-            self.tensors[key] = preset.to_array(self.image)
-        value = self.tensors[key]
-        return value if isinstance(value, np.ndarray) else value.numpy()
-
-    def tensor(self, preset: "Preset") -> Any:
-        """The same pixels as a torch uint8 tensor (zero-copy; imports torch)."""
-        import torch
-
-        return torch.from_numpy(self.array(preset))
-
-
-def preset_key(preset: "Preset") -> tuple[int, str]:
-    """Presets that differ only in mean/std share their uint8 tensor (normalising is on device)."""
-    return (preset.size, preset.resize)
 
 
 def error_record(path: Path | str, err: HierarchyError) -> dict[str, Any]:
@@ -86,23 +50,19 @@ class Router:
 
     @classmethod
     def from_pipeline(cls, pipeline: Pipeline, device: str = "auto", precision: str = "auto",
-                      engine: str = DEFAULT_ENGINE) -> "Router":
-        """Load every stage's predictor and resolve ``auto`` thresholds from checkpoint metadata.
-        ``engine`` other than ``"torch"`` is passed on to ``Stage.load_predictor(..., engine=...)``."""
+                      engine: str = AUTO) -> "Router":
+        """Load every stage's predictor (on ``engine``; ``auto`` picks per stage, see
+        :func:`hierarchy.engine.backends.choose_engine`) and resolve ``auto`` thresholds from
+        checkpoint metadata."""
         from registry import get_stage
 
-        from hierarchy.config.stage import Stage
-
-        if engine not in ENGINES:
-            raise ConfigError("command line", [f"--engine: unknown engine {engine!r}; use {', '.join(ENGINES)}"])
+        if engine != AUTO:
+            get_engine(engine)  # an unknown name fails before any stage loads
         loaded = {}
         for sid in pipeline.depth_order():
             node = pipeline.stages[sid]
-            weights = pipeline.weights_path(sid)
-            stage = get_stage(node.stage)()
-            if weights is None and type(stage).load_predictor is Stage.load_predictor:
-                raise ConfigError("pipeline", [f"stages.{sid}.weights: field required to run the pipeline"])
-            predictor = _load_predictor(sid, stage, weights, device, precision, engine)
+            predictor = load_stage_predictor(sid, get_stage(node.stage)(), pipeline.weights_path(sid),
+                                             device, precision, engine)
             loaded[sid] = LoadedStage(sid, node.stage, predictor, resolve_threshold(sid, node.threshold, predictor),
                                       resolve_ood(node.ood, predictor))
         return cls(pipeline, loaded)
@@ -182,38 +142,26 @@ class Router:
         return rec
 
     def decode(self, path: Path, draft: bool = True) -> Decoded:
-        """Decode ``path`` into the uint8 tensor of every preset in the cascade (run in worker
-        threads, off the routing thread). Only (3, S, S) tensors are kept, never the full image,
+        """Decode ``path`` into the uint8 array of every preset in the cascade (run in worker
+        threads, off the routing thread). Only (3, S, S) arrays are kept, never the full image,
         so memory per item is small and fixed. ``draft=False`` never uses a reduced JPEG decode."""
-        from hierarchy.data.decode import decode_arrays
-
-        presets = {self.stages[sid].predictor.preset for sid in self.order}
-        try:
-            by_size = decode_arrays(path, [p.size for p in presets], draft=draft)
-        except ImageError as exc:
-            return Decoded(path, error=exc)
-        return Decoded(path, tensors={preset_key(p): by_size[p.size] for p in presets})
+        return decode_item(path, {self.stages[sid].predictor.preset for sid in self.order}, draft)
 
     def run(self, paths: Iterable[Path], batch_size: int = 32, workers: int | None = None,
             draft: bool = True) -> Iterator[dict[str, Any]]:
-        """Stream records for ``paths``: decode batch k+1 in a thread pool while batch k is routed.
-        Memory is bounded by two batches, whatever the number of inputs."""
+        """Stream records for ``paths``: decode batch k+1 in a thread pool while batch k is routed
+        (:func:`hierarchy.data.batches.decode_batches`). Memory is bounded by two batches, whatever
+        the number of inputs."""
         torch_engine = any(batch_format(st.predictor) == "torch" for st in self.stages.values())
         paths, importing = _maybe_fast_jpeg(iter(paths), torch_engine)
-        chunks = _chunked(paths, batch_size)
+        batches = decode_batches(paths, functools.partial(self.decode, draft=draft), batch_size, workers)
         try:
-            with ThreadPoolExecutor(max_workers=workers or default_workers()) as pool:
-                pending: list[Future] | None = self._submit(pool, next(chunks, None), draft)
-                while pending is not None:
-                    items = [f.result() for f in pending]
-                    pending = self._submit(pool, next(chunks, None), draft)
-                    yield from self.route(items, batch_size)
+            for items in batches:
+                yield from self.route(items, batch_size)
         finally:
+            batches.close()
             if importing is not None:  # never leave an import running into interpreter shutdown
                 importing.join()
-
-    def _submit(self, pool: ThreadPoolExecutor, chunk: list[Path] | None, draft: bool) -> list[Future] | None:
-        return None if chunk is None else [pool.submit(self.decode, p, draft) for p in chunk]
 
 
 LONG_RUN = 512  # inputs from which importing torchvision's JPEG decoder (~1 s of CPU) pays for itself
@@ -249,36 +197,18 @@ def make_batch(arrays: Sequence[np.ndarray], predictor: "Predictor") -> Any:
     return torch.from_numpy(stacked)
 
 
-def _load_predictor(sid: str, stage: Any, weights: Path | None, device: str, precision: str,
-                    engine: str) -> "Predictor":
-    """``stage.load_predictor``, with ``engine=`` only when it is not the default, so stages whose
-    override predates engines keep working with the torch engine and fail clearly with another."""
-    if engine == DEFAULT_ENGINE:
-        return stage.load_predictor(weights, device=device, precision=precision)
-    if not _accepts_engine(stage.load_predictor):
-        raise ConfigError("pipeline", [f"stages.{sid}: stage '{stage.name}' loads its own predictor "
-                                       f"(its load_predictor has no 'engine' parameter), so it cannot run "
-                                       f"with --engine {engine}; use --engine {DEFAULT_ENGINE}"])
-    return stage.load_predictor(weights, device=device, precision=precision, engine=engine)
+def load_stage_predictor(sid: str, stage: "Stage", weights: Path | None, device: str = "auto",
+                         precision: str = "auto", engine: str = AUTO) -> "Predictor":
+    """The stage's own predictor when it loads one (``Stage.load_predictor`` returns non-None), else
+    the shared :class:`~hierarchy.engine.predictor.Predictor` for ``weights``."""
+    custom = stage.load_predictor(weights, device=device, precision=precision, engine=engine)
+    if custom is not None:
+        return custom
+    if weights is None:
+        raise ConfigError("pipeline", [f"stages.{sid}.weights: field required to run the pipeline"])
+    from hierarchy.engine.predictor import load_predictor
 
-
-def _accepts_engine(method: Any) -> bool:
-    import inspect
-
-    params = inspect.signature(method).parameters.values()
-    return any(p.name == "engine" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
-
-
-def _chunked(it: Iterable[Path], n: int) -> Iterator[list[Path]]:
-    iterator = iter(it)
-    while chunk := list(itertools.islice(iterator, n)):
-        yield chunk
-
-
-def default_workers() -> int:
-    import os
-
-    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+    return load_predictor(stage, weights, device=device, precision=precision, engine=engine)
 
 
 def resolve_threshold(sid: str, value: float | str | None, predictor: "Predictor") -> float | None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import inspect
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -16,9 +15,10 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from hierarchy.core.errors import ConfigError, HierarchyError
+from hierarchy.engine.predictor import calibrated
 
 if TYPE_CHECKING:
-    from hierarchy.models.checkpoint import CheckpointMetadata
+    from hierarchy.models.metadata import CheckpointMetadata
     from hierarchy.data.labelled import Sample
     from hierarchy.config.stage import Predictor
 
@@ -32,52 +32,33 @@ class Scored:
     errors: list[dict[str, str]]  # images that could not be decoded
 
 
-def _load(path: Path, size: int) -> Any:
-    """(3, size, size) uint8 through the same decoder as ``hierarchy run``, or the typed error."""
-    from hierarchy.data.decode import decode_uint8
-    from hierarchy.core.errors import ImageError
-
-    try:
-        return decode_uint8(path, [size])[size]
-    except ImageError as exc:
-        return exc
-
-
 def predict_samples(predictor: "Predictor", samples: Sequence["Sample"], batch_size: int = 32,
                     workers: int | None = None, progress: bool = True) -> Scored:
     """Raw logits for every decodable sample (decoded like ``hierarchy run`` does)."""
-    import torch
     from tqdm import tqdm
 
-    from hierarchy.engine.router import default_workers
+    from hierarchy.data.batches import decode_batches, decode_item
+    from hierarchy.engine.router import make_batch
 
     index = {lab: i for i, lab in enumerate(predictor.labels)}
     preset = predictor.preset
     logits, ys, errors = [], [], []
-    with ThreadPoolExecutor(max_workers=workers or default_workers()) as pool, \
-            tqdm(total=len(samples), desc="calibrate", unit="img", file=sys.stderr,
-                 disable=None if progress else True, mininterval=0.5) as bar:
-        for start in range(0, len(samples), batch_size):
-            chunk = samples[start:start + batch_size]
-            images = list(pool.map(lambda s: _load(s.path, preset.size), chunk))
-            good = [(s, img) for s, img in zip(chunk, images) if not isinstance(img, Exception)]
-            errors += [{"path": str(s.path), "type": img.type, "message": img.message}
-                       for s, img in zip(chunk, images) if isinstance(img, Exception)]
+    batches = decode_batches([s.path for s in samples], lambda p: decode_item(p, [preset]), batch_size, workers)
+    with tqdm(total=len(samples), desc="calibrate", unit="img", file=sys.stderr,
+              disable=None if progress else True, mininterval=0.5) as bar:
+        for k, items in enumerate(batches):
+            chunk = samples[k * batch_size:k * batch_size + len(items)]
+            good = [(s, d) for s, d in zip(chunk, items) if d.error is None]
+            errors += [{"path": str(d.path), "type": getattr(d.error, "type", "error"),
+                        "message": getattr(d.error, "message", str(d.error))} for d in items if d.error is not None]
             if good:
-                pred = predictor.predict(torch.stack([x for _, x in good]), return_logits=True)
+                batch = make_batch([d.array(preset) for _, d in good], predictor)
+                pred = predictor.predict(batch, return_logits=True)
                 logits.append(np.asarray(pred.logits, dtype=np.float32))
                 ys += [index[s.label] for s, _ in good]
-            bar.update(len(chunk))
+            bar.update(len(items))
     width = len(predictor.labels)
     return Scored(np.concatenate(logits) if logits else np.zeros((0, width), np.float32), np.asarray(ys, np.int64), errors)
-
-
-def scaled_probs(logits: np.ndarray, temperature: float) -> np.ndarray:
-    """softmax(logits / T) computed exactly as TorchPredictor does (float32, torch), so a tuned
-    threshold compares against the same numbers the router will see."""
-    import torch
-
-    return torch.softmax(torch.from_numpy(np.asarray(logits, np.float32)) / float(temperature), dim=1).numpy()
 
 
 def default_target(meta: "CheckpointMetadata") -> dict[str, Any]:
@@ -90,7 +71,7 @@ def default_target(meta: "CheckpointMetadata") -> dict[str, Any]:
 def _state(scored: Scored, temperature: float, threshold: float | None) -> dict[str, Any]:
     from hierarchy.metrics.classification import expected_calibration_error, nll, selective_summary
 
-    p = scaled_probs(scored.logits, temperature).astype(np.float64)
+    p = calibrated(scored.logits, temperature).astype(np.float64)
     conf, ok = np.clip(p.max(axis=1), 0.0, 1.0), p.argmax(axis=1) == scored.y
     sel = selective_summary(conf, ok, conf >= threshold if threshold is not None else np.ones(len(ok), bool))
     acc = sel["accuracy_accepted"]
@@ -101,12 +82,14 @@ def _state(scored: Scored, temperature: float, threshold: float | None) -> dict[
 
 def calibrate_run(run_dir: Path, data: Path, *, split: str | None = None, target: dict | None = None,
                   refit_temperature: bool = True, device: str = "auto", precision: str = "auto",
-                  batch_size: int = 32, workers: int | None = None, progress: bool = True) -> dict[str, Any]:
+                  engine: str = "auto", batch_size: int = 32, workers: int | None = None,
+                  progress: bool = True) -> dict[str, Any]:
     """Refit temperature and threshold of the run on ``data``; update metadata.json; return a summary."""
     from registry import get_stage
 
-    from hierarchy.models.checkpoint import read_metadata, resolve_checkpoint, update_metadata
+    from hierarchy.engine.router import load_stage_predictor
     from hierarchy.evaluate.runner import select_samples
+    from hierarchy.models.metadata import read_metadata, resolve_checkpoint, update_metadata
     from hierarchy.metrics.thresholds import check_target, tune_threshold
     from hierarchy.train.report import calibration
 
@@ -119,7 +102,7 @@ def calibrate_run(run_dir: Path, data: Path, *, split: str | None = None, target
     except ValueError as exc:
         raise ConfigError("threshold target", [str(exc)]) from None
     samples, info = select_samples(Path(data), split, labels=labels)
-    predictor = get_stage(meta.stage)().load_predictor(meta_path.parent, device=device, precision=precision)
+    predictor = load_stage_predictor(meta.stage, get_stage(meta.stage)(), meta_path.parent, device, precision, engine)
     if "return_logits" not in inspect.signature(predictor.predict).parameters:
         raise HierarchyError(f"stage '{meta.stage}': its predictor does not return logits; calibrate needs them")
     scored = predict_samples(predictor, samples, batch_size, workers, progress)
@@ -127,7 +110,7 @@ def calibrate_run(run_dir: Path, data: Path, *, split: str | None = None, target
         raise HierarchyError(f"{data}: none of the {len(samples)} image(s) could be decoded")
     cal = calibration(scored.logits, scored.y) if refit_temperature else None
     new_t = cal["temperature"] if cal else meta.temperature
-    tuned = tune_threshold(scaled_probs(scored.logits, new_t), scored.y, target, labels)
+    tuned = tune_threshold(calibrated(scored.logits, new_t), scored.y, target, labels)
     fields: dict[str, Any] = {"threshold": {**tuned, "data": str(data), "split": info["split"]}}
     if cal:
         fields.update(temperature=cal["temperature"], calibration={

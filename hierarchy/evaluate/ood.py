@@ -20,8 +20,9 @@ import numpy as np
 from hierarchy.core.errors import DatasetError
 
 if TYPE_CHECKING:
+    from hierarchy.data.batches import Decoded
     from hierarchy.evaluate.runner import _Collector
-    from hierarchy.engine.router import Decoded, LoadedStage, Router
+    from hierarchy.engine.router import LoadedStage, Router
 
 
 def ood_paths(folder: Path) -> list[Path]:
@@ -39,11 +40,11 @@ def ood_paths(folder: Path) -> list[Path]:
 def evaluate_ood(router: "Router", collector: "_Collector", folder: Path, batch_size: int = 32,
                  workers: int | None = None) -> dict[str, Any]:
     """The ``ood`` block of the evaluation report (see the module docstring)."""
-    from hierarchy.evaluate.runner import _decoded_chunks
+    from hierarchy.data.batches import decode_batches
 
     paths = ood_paths(folder)
     decoded: list["Decoded"] = []
-    for _, chunk in _decoded_chunks(router, paths, max(batch_size, 64), workers):
+    for chunk in decode_batches(paths, router.decode, max(batch_size, 64), workers):
         decoded += [d for d in chunk if d.error is None]
     if not decoded:
         raise DatasetError(f"--ood {folder}: none of the {len(paths)} images could be decoded")
@@ -57,11 +58,12 @@ def evaluate_ood(router: "Router", collector: "_Collector", folder: Path, batch_
 
 def _scores(predictor: Any, items: Sequence["Decoded"], batch_size: int) -> np.ndarray | None:
     """The stage's OOD scores for ``items`` (None when its predictor gives none)."""
-    import torch
+    from hierarchy.engine.router import make_batch
 
     out = []
     for start in range(0, len(items), batch_size):
-        pred = predictor.predict(torch.stack([d.tensor(predictor.preset) for d in items[start:start + batch_size]]))
+        pred = predictor.predict(make_batch([d.array(predictor.preset) for d in items[start:start + batch_size]],
+                                            predictor))
         if pred.ood is None:
             return None
         out.append(np.asarray(pred.ood, dtype=np.float64))
@@ -70,7 +72,7 @@ def _scores(predictor: Any, items: Sequence["Decoded"], batch_size: int) -> np.n
 
 def stage_ood(st: "LoadedStage", acc: Any, items: Sequence["Decoded"], batch_size: int) -> dict[str, Any]:
     """Separation of in-distribution (items true to the stage) and OOD scores at one stage."""
-    from hierarchy.metrics.classification import fpr_at_tpr, ood_auroc
+    from hierarchy.metrics.thresholds import fpr_at_tpr, ood_auroc
 
     s_out = _scores(st.predictor, items, batch_size)
     parts = acc.ood

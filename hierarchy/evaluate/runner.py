@@ -21,10 +21,9 @@ import inspect
 import sys
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
@@ -32,8 +31,9 @@ from hierarchy.core.errors import DatasetError
 from hierarchy.engine.pipeline import STOP, Pipeline
 
 if TYPE_CHECKING:
+    from hierarchy.data.batches import Decoded
     from hierarchy.data.labelled import Sample
-    from hierarchy.engine.router import Decoded, Router
+    from hierarchy.engine.router import Router
 
 ABSTAINED = "(abstained)"
 N_BINS = 15
@@ -227,35 +227,18 @@ class _Collector:
             self._stage_pass(sid, [(t, d) for t, d in ok if sid in t.stages])
 
     def _stage_pass(self, sid: str, pairs: list[tuple[Truth, "Decoded"]]) -> None:
-        import torch
+        from hierarchy.engine.router import make_batch
 
         predictor = self.router.stages[sid].predictor
         index = {lab: i for i, lab in enumerate(predictor.labels)}
         acc = self.stages[sid]
         for start in range(0, len(pairs), self.batch_size):
             chunk = pairs[start:start + self.batch_size]
-            pred = _predict(predictor, torch.stack([d.tensor(predictor.preset) for _, d in chunk]))
+            pred = _predict(predictor, make_batch([d.array(predictor.preset) for _, d in chunk], predictor))
             acc.y += [index[t.stages[sid]] for t, _ in chunk]
             acc.probs.append(np.asarray(pred.probs, dtype=np.float64))
             acc.logits.append(None if pred.logits is None else np.asarray(pred.logits, dtype=np.float64))
             acc.ood.append(None if pred.ood is None else np.asarray(pred.ood, dtype=np.float64))
-
-
-def _decoded_chunks(router: "Router", paths: Sequence[Path], size: int,
-                    workers: int | None) -> Iterator[tuple[int, list["Decoded"]]]:
-    """(start, decoded chunk); the next chunk decodes in threads while the caller works on this one."""
-    from hierarchy.engine.router import default_workers
-
-    starts = list(range(0, len(paths), size))
-    with ThreadPoolExecutor(max_workers=workers or default_workers()) as pool:
-        def submit(k: int) -> list:
-            return [pool.submit(router.decode, p) for p in paths[starts[k]:starts[k] + size]] if k < len(starts) else []
-
-        pending = submit(0)
-        for k, start in enumerate(starts):
-            chunk = [f.result() for f in pending]
-            pending = submit(k + 1)
-            yield start, chunk
 
 
 # ---------------------------------------------------------------- entry point
@@ -268,12 +251,13 @@ class Evaluation:
 
 
 def evaluate(pipe: Pipeline, data: Path, *, split: str | None = None, batch_size: int = 32, device: str = "auto",
-             precision: str = "auto", workers: int | None = None, progress: bool = True,
+             precision: str = "auto", engine: str = "auto", workers: int | None = None, progress: bool = True,
              router: "Router | None" = None, ood: Path | None = None) -> Evaluation:
     """Run ``pipe`` over labelled ``data`` and compute the full report (nothing is written).
     ``ood``: a folder of known out-of-distribution images, reported under ``report["ood"]``."""
     from tqdm import tqdm
 
+    from hierarchy.data.batches import decode_batches
     from hierarchy.evaluate.summary import build_report
     from hierarchy.engine.router import Router
 
@@ -282,15 +266,16 @@ def evaluate(pipe: Pipeline, data: Path, *, split: str | None = None, batch_size
     samples, data_info = select_samples(data, split)
     hier = Hierarchy.from_pipeline(pipe, stage_labels(pipe))
     truths, truth_info = assign_truth(samples, hier, extra_columns(data))  # before any weights load
-    router = router or Router.from_pipeline(pipe, device=device, precision=precision)
+    router = router or Router.from_pipeline(pipe, device=device, precision=precision, engine=engine)
     collector = _Collector(router, hier, batch_size)
     chunk = max(batch_size, 64)
     with tqdm(total=len(samples), desc="evaluate", unit="img", file=sys.stderr,
               disable=None if progress else True, mininterval=0.5) as bar:
-        for first, decoded in _decoded_chunks(router, [s.path for s in samples], chunk, workers):
-            collector.add(truths[first:first + len(decoded)], decoded)
+        for k, decoded in enumerate(decode_batches([s.path for s in samples], router.decode, chunk, workers)):
+            collector.add(truths[k * chunk:k * chunk + len(decoded)], decoded)
             bar.update(len(decoded))
-    settings = {"batch_size": batch_size, "device": device, "precision": precision, "n_bins": N_BINS}
+    settings = {"batch_size": batch_size, "device": device, "precision": precision, "n_bins": N_BINS,
+                "engines": {sid: getattr(st.predictor, "engine", "custom") for sid, st in router.stages.items()}}
     report = build_report(pipe, router, hier, collector, data_info, truth_info, settings)
     if ood is not None:
         from hierarchy.evaluate.ood import evaluate_ood

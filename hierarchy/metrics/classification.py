@@ -17,68 +17,24 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-
-def _vector(x: Any, name: str) -> np.ndarray:
-    a = np.asarray(x)
-    if a.ndim != 1:
-        raise ValueError(f"{name} must be 1-D, got shape {a.shape}")
-    return a
-
-
-def _labels(x: Any, name: str, n_classes: int) -> np.ndarray:
-    a = _vector(x, name)
-    if a.size and a.dtype.kind not in "iu":
-        if a.dtype.kind != "f" or not np.all(np.isfinite(a)) or np.any(a != np.round(a)):
-            raise ValueError(f"{name} must hold integer class indices, got dtype {a.dtype}")
-    a = a.astype(np.int64)
-    if a.size and (a.min() < 0 or a.max() >= n_classes):
-        raise ValueError(f"{name} has class indices outside [0, {n_classes})")
-    return a
-
-
-def _floats(x: Any, name: str) -> np.ndarray:
-    a = _vector(x, name).astype(np.float64)
-    if not np.all(np.isfinite(a)):
-        raise ValueError(f"{name} contains NaN or infinite values")
-    return a
-
-
-def _bools(x: Any, name: str) -> np.ndarray:
-    a = _vector(x, name)
-    if a.dtype.kind != "b" and a.size and not np.all((a == 0) | (a == 1)):
-        raise ValueError(f"{name} must be boolean (or 0/1)")
-    return a.astype(bool)
-
-
-def _confidences(x: Any) -> np.ndarray:
-    a = _floats(x, "confidences")
-    if a.size and (a.min() < 0.0 or a.max() > 1.0):
-        raise ValueError("confidences must lie in [0, 1]")
-    return a
-
-
-def _same_length(**arrays: Sequence[Any]) -> int:
-    lengths = {name: len(a) for name, a in arrays.items()}
-    if len(set(lengths.values())) > 1:
-        raise ValueError(f"length mismatch: {lengths}")
-    return next(iter(lengths.values()))
-
-
-def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
-    num, den = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
-    return np.divide(num, den, out=np.zeros_like(num), where=den != 0)
-
-
-def _div(num: float, den: float) -> float:
-    return float(num) / float(den) if den else 0.0
+from hierarchy.metrics.arrays import (
+    as_bools,
+    as_class_indices,
+    as_confidences,
+    as_finite,
+    desc_cuts,
+    ratio,
+    safe_div,
+    same_length,
+)
 
 
 def confusion_matrix(y_true: Any, y_pred: Any, n_classes: int) -> np.ndarray:
     """Integer (n_classes, n_classes) counts; rows = truth, columns = prediction."""
     if n_classes < 1:
         raise ValueError(f"n_classes must be >= 1, got {n_classes}")
-    t, p = _labels(y_true, "y_true", n_classes), _labels(y_pred, "y_pred", n_classes)
-    _same_length(y_true=t, y_pred=p)
+    t, p = as_class_indices(y_true, "y_true", n_classes), as_class_indices(y_pred, "y_pred", n_classes)
+    same_length(y_true=t, y_pred=p)
     flat = np.bincount(t * n_classes + p, minlength=n_classes * n_classes)
     return flat.reshape(n_classes, n_classes)
 
@@ -88,7 +44,7 @@ def normalize_rows(cm: Any) -> np.ndarray:
     cm = np.asarray(cm, dtype=np.float64)
     if cm.ndim != 2:
         raise ValueError(f"cm must be 2-D, got shape {cm.shape}")
-    return _ratio(cm, np.broadcast_to(cm.sum(axis=1, keepdims=True), cm.shape))
+    return ratio(cm, np.broadcast_to(cm.sum(axis=1, keepdims=True), cm.shape))
 
 
 def classification_report(y_true: Any, y_pred: Any, labels: list[str]) -> dict:
@@ -102,8 +58,8 @@ def classification_report(y_true: Any, y_pred: Any, labels: list[str]) -> dict:
         raise ValueError(f"labels must be unique, got {labels}")
     cm = confusion_matrix(y_true, y_pred, len(labels))
     tp, support, predicted = np.diag(cm), cm.sum(axis=1), cm.sum(axis=0)
-    precision, recall = _ratio(tp, predicted), _ratio(tp, support)
-    f1 = _ratio(2 * precision * recall, precision + recall)
+    precision, recall = ratio(tp, predicted), ratio(tp, support)
+    f1 = ratio(2 * precision * recall, precision + recall)
     per_class = {
         lab: {"precision": float(precision[i]), "recall": float(recall[i]),
               "f1": float(f1[i]), "support": int(support[i])}
@@ -113,7 +69,7 @@ def classification_report(y_true: Any, y_pred: Any, labels: list[str]) -> dict:
     weights = support / total if total else np.zeros(len(labels))
     metrics = {"precision": precision, "recall": recall, "f1": f1}
     return {
-        "accuracy": _div(tp.sum(), total),
+        "accuracy": safe_div(tp.sum(), total),
         "n": total,
         "per_class": per_class,
         "macro": {k: float(v.mean()) for k, v in metrics.items()},
@@ -136,8 +92,8 @@ def _average_ranks(x: np.ndarray) -> np.ndarray:
 
 def roc_auc(y_true_binary: Any, scores: Any) -> float | None:
     """ROC AUC via the Mann-Whitney U statistic (ties count 1/2); None if only one class present."""
-    y, s = _bools(y_true_binary, "y_true_binary"), _floats(scores, "scores")
-    _same_length(y_true_binary=y, scores=s)
+    y, s = as_bools(y_true_binary, "y_true_binary"), as_finite(scores, "scores")
+    same_length(y_true_binary=y, scores=s)
     n_pos, n_neg = int(y.sum()), int((~y).sum())
     if n_pos == 0 or n_neg == 0:
         return None
@@ -152,8 +108,8 @@ def reliability_bins(confidences: Any, correct: Any, n_bins: int = 15) -> list[d
     """
     if n_bins < 1:
         raise ValueError(f"n_bins must be >= 1, got {n_bins}")
-    conf, ok = _confidences(confidences), _bools(correct, "correct")
-    _same_length(confidences=conf, correct=ok)
+    conf, ok = as_confidences(confidences), as_bools(correct, "correct")
+    same_length(confidences=conf, correct=ok)
     edges = np.linspace(0.0, 1.0, n_bins + 1)
     idx = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, n_bins - 1)
     count = np.bincount(idx, minlength=n_bins)
@@ -172,15 +128,7 @@ def expected_calibration_error(confidences: Any, correct: Any, n_bins: int = 15)
     bins = reliability_bins(confidences, correct, n_bins)
     n = sum(b["count"] for b in bins)
     gaps = sum(abs(b["accuracy"] - b["confidence"]) * b["count"] for b in bins if b["count"])
-    return _div(gaps, n)
-
-
-def _desc_cuts(conf: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sort order (confidence descending) and the last sorted index of each tie group."""
-    order = np.argsort(-conf, kind="stable")
-    c = conf[order]
-    ends = np.r_[np.flatnonzero(c[1:] != c[:-1]), len(c) - 1] if len(c) else np.zeros(0, int)
-    return order, ends
+    return safe_div(gaps, n)
 
 
 def risk_coverage(confidences: Any, correct: Any) -> dict:
@@ -195,11 +143,11 @@ def risk_coverage(confidences: Any, correct: Any) -> dict:
     usual mean over k = 1..N of the top-k error rate. Lower is better. Empty input gives empty
     lists and aurc 0.0.
     """
-    conf, ok = _confidences(confidences), _bools(correct, "correct")
-    n = _same_length(confidences=conf, correct=ok)
-    order, ends = _desc_cuts(conf)
+    conf, ok = as_confidences(confidences), as_bools(correct, "correct")
+    n = same_length(confidences=conf, correct=ok)
+    order, ends = desc_cuts(conf)
     k = ends + 1
-    risk = _ratio(np.cumsum(~ok[order])[ends], k)
+    risk = ratio(np.cumsum(~ok[order])[ends], k)
     coverage = k / n if n else np.zeros(0)
     aurc = float((risk * np.diff(coverage, prepend=0.0)).sum())
     return {"coverage": coverage.tolist(), "risk": risk.tolist(),
@@ -211,11 +159,11 @@ def selective_summary(confidences: Any, correct: Any, accepted_mask: Any) -> dic
 
     ``accuracy_accepted`` and ``mean_confidence_accepted`` are None when nothing was accepted.
     """
-    conf, ok = _floats(confidences, "confidences"), _bools(correct, "correct")
-    acc = _bools(accepted_mask, "accepted_mask")
-    n = _same_length(confidences=conf, correct=ok, accepted_mask=acc)
+    conf, ok = as_finite(confidences, "confidences"), as_bools(correct, "correct")
+    acc = as_bools(accepted_mask, "accepted_mask")
+    n = same_length(confidences=conf, correct=ok, accepted_mask=acc)
     n_acc = int(acc.sum())
-    coverage = _div(n_acc, n)
+    coverage = safe_div(n_acc, n)
     return {
         "n": n, "n_accepted": n_acc, "coverage": coverage,
         "abstention_rate": 1.0 - coverage if n else 0.0,
@@ -225,7 +173,7 @@ def selective_summary(confidences: Any, correct: Any, accepted_mask: Any) -> dic
 
 
 def _check_paths(true_paths: Sequence[Sequence[str]], pred_paths: Sequence[Sequence[str]]) -> None:
-    _same_length(true_paths=true_paths, pred_paths=pred_paths)
+    same_length(true_paths=true_paths, pred_paths=pred_paths)
     for name, paths in (("true_paths", true_paths), ("pred_paths", pred_paths)):
         for i, path in enumerate(paths):
             if isinstance(path, str) or not all(isinstance(p, str) for p in path):
@@ -249,8 +197,8 @@ def hierarchical_prf(true_paths: list[list[str]], pred_paths: list[list[str]]) -
     for t, p in zip(true_paths, pred_paths):
         tset, pset = _prefixes(t), _prefixes(p)
         inter, n_pred, n_true = inter + len(tset & pset), n_pred + len(pset), n_true + len(tset)
-    hp, hr = _div(inter, n_pred), _div(inter, n_true)
-    return {"precision": hp, "recall": hr, "f1": _div(2 * hp * hr, hp + hr)}
+    hp, hr = safe_div(inter, n_pred), safe_div(inter, n_true)
+    return {"precision": hp, "recall": hr, "f1": safe_div(2 * hp * hr, hp + hr)}
 
 
 def _first_divergence(t: Sequence[str], p: Sequence[str]) -> tuple[int, str] | None:
@@ -278,7 +226,7 @@ def error_attribution(
     ``items`` [{index, stage_id, depth, kind}], ``n_items``, ``n_errors``, ``n_deeper_than_truth``.
     """
     _check_paths(true_paths, pred_paths)
-    _same_length(true_paths=true_paths, stage_ids_per_depth=stage_ids_per_depth)
+    same_length(true_paths=true_paths, stage_ids_per_depth=stage_ids_per_depth)
     items, counts, by_kind, deeper = [], {}, {}, 0
     for i, (t, p) in enumerate(zip(true_paths, pred_paths)):
         hit = _first_divergence(t, p)
@@ -328,8 +276,8 @@ def nll(logits: Any, y: Any, T: float = 1.0) -> float:
     """Mean negative log-likelihood (natural log) of ``softmax(logits / T)``; 0.0 for N = 0."""
     _check_temperature(T)
     z = _logits(logits)
-    y = _labels(y, "y", z.shape[1])
-    _same_length(logits=z, y=y)
+    y = as_class_indices(y, "y", z.shape[1])
+    same_length(logits=z, y=y)
     return _nll(z, y, T) if len(y) else 0.0
 
 
@@ -358,8 +306,8 @@ def fit_temperature(logits: Any, y: Any) -> float:
     Dividing by T > 0 never changes the argmax.
     """
     z = _logits(logits)
-    y = _labels(y, "y", z.shape[1])
-    _same_length(logits=z, y=y)
+    y = as_class_indices(y, "y", z.shape[1])
+    same_length(logits=z, y=y)
     if len(y) == 0:
         return 1.0
 
@@ -376,15 +324,3 @@ def fit_temperature(logits: Any, y: Any) -> float:
     if not math.isfinite(best) or best >= f(0.0):
         return 1.0
     return math.exp(best_u)
-
-
-_MOVED_TO_THRESHOLDS = ("tune_threshold", "ood_auroc", "fpr_at_tpr", "threshold_for_tpr_in")
-
-
-def __getattr__(name: str) -> Any:
-    """Names moved to :mod:`hierarchy.metrics.thresholds` stay importable from here (old call sites)."""
-    if name in _MOVED_TO_THRESHOLDS:
-        from hierarchy.metrics import thresholds
-
-        return getattr(thresholds, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,25 +1,30 @@
 """Evaluation plots written as PNG files.
 
-Every function builds a standalone ``matplotlib.figure.Figure`` drawn by the Agg canvas (no
-pyplot, no display, no global backend switch) and writes it atomically, so a reader never sees a
-half-written PNG. Inputs are the plain dicts/lists returned by ``hierarchy.metrics.classification``.
+Each ``*_figure`` function builds a standalone ``matplotlib.figure.Figure`` drawn by the Agg canvas
+(no pyplot, no display, no global backend switch); the matching ``plot_*`` function writes it
+atomically, so a reader never sees a half-written PNG. Inputs are the plain dicts/lists returned by
+:mod:`hierarchy.metrics.classification`.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
 from hierarchy.core.fsutil import atomic_write_with
+from hierarchy.metrics.classification import normalize_rows
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 _DPI = 120
 
 
 def _figure(
     width: float, height: float, nrows: int = 1, ncols: int = 1, **kw: Any
-) -> tuple[Any, Any]:
+) -> "tuple[Figure, np.ndarray[Any, Any]]":
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -28,7 +33,7 @@ def _figure(
     return fig, fig.subplots(nrows, ncols, squeeze=False, **kw)
 
 
-def _save(fig: Any, path: str | os.PathLike) -> Path:
+def _save(fig: "Figure", path: str | os.PathLike) -> Path:
     atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=_DPI))
     return Path(path)
 
@@ -37,6 +42,13 @@ def plot_confusion(
     cm: Any, labels: Sequence[str], path: str | os.PathLike, title: str = "Confusion matrix",
     normalize: bool = True,
 ) -> Path:
+    """:func:`confusion_figure` written to ``path`` as PNG."""
+    return _save(confusion_figure(cm, labels, title, normalize), path)
+
+
+def confusion_figure(
+    cm: Any, labels: Sequence[str], title: str = "Confusion matrix", normalize: bool = True,
+) -> "Figure":
     """Heatmap of the confusion matrix (rows = truth); each cell shows its count and row %.
 
     ``normalize`` colours cells by row share (recall view) instead of raw counts."""
@@ -45,7 +57,7 @@ def plot_confusion(
     if counts.shape != (n, n):
         raise ValueError(f"cm shape {counts.shape} does not match {n} labels")
     sums = counts.sum(axis=1, keepdims=True)
-    share = np.divide(counts, sums, out=np.zeros(counts.shape), where=sums != 0)
+    share = normalize_rows(counts)
     colour = share if normalize else counts
     size = max(4.0, 0.9 * n + 2.5)
     fig, axes = _figure(size + 1.0, size)
@@ -63,7 +75,7 @@ def plot_confusion(
         for j in range(n):
             ax.text(j, i, f"{counts[i, j]}\n{100 * share[i, j]:.1f}%", ha="center", va="center",
                     fontsize=8, color="white" if colour[i, j] > high else "black")
-    return _save(fig, path)
+    return fig
 
 
 def _bar_series(bins: list[dict]) -> tuple[np.ndarray, ...]:
@@ -82,6 +94,14 @@ def plot_reliability(
     bins: list[dict], path: str | os.PathLike, title: str = "Reliability diagram",
     ece: float | None = None, bins_after: list[dict] | None = None, ece_after: float | None = None,
 ) -> Path:
+    """:func:`reliability_figure` written to ``path`` as PNG."""
+    return _save(reliability_figure(bins, title, ece, bins_after, ece_after), path)
+
+
+def reliability_figure(
+    bins: list[dict], title: str = "Reliability diagram", ece: float | None = None,
+    bins_after: list[dict] | None = None, ece_after: float | None = None,
+) -> "Figure":
     """Reliability diagram: accuracy per confidence bin against the diagonal, sample counts below.
 
     ``bins_after``/``ece_after`` overlay a second model state (e.g. after temperature scaling)."""
@@ -100,12 +120,17 @@ def plot_reliability(
     top.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy", title=title)
     top.legend(loc="upper left", fontsize=8)
     bottom.set(xlabel="confidence", ylabel="count")
-    return _save(fig, path)
+    return fig
 
 
 def plot_risk_coverage(
     curves: dict[str, dict], path: str | os.PathLike, title: str = "Risk-coverage",
 ) -> Path:
+    """:func:`risk_coverage_figure` written to ``path`` as PNG."""
+    return _save(risk_coverage_figure(curves, title), path)
+
+
+def risk_coverage_figure(curves: dict[str, dict], title: str = "Risk-coverage") -> "Figure":
     """Risk (error rate of accepted items) against coverage, one step curve per named curve."""
     fig, axes = _figure(6.5, 5.0)
     ax = axes[0, 0]
@@ -121,7 +146,7 @@ def plot_risk_coverage(
     ax.grid(alpha=0.3)
     if curves:
         ax.legend(loc="upper left", fontsize=8)
-    return _save(fig, path)
+    return fig
 
 
 def _series(history: list[dict], key: str) -> tuple[list[float], list[float]]:
@@ -132,6 +157,11 @@ def _series(history: list[dict], key: str) -> tuple[list[float], list[float]]:
 def plot_training_curves(
     history: list[dict], path: str | os.PathLike, title: str = "Training curves",
 ) -> Path:
+    """:func:`training_curves_figure` written to ``path`` as PNG."""
+    return _save(training_curves_figure(history, title), path)
+
+
+def training_curves_figure(history: list[dict], title: str = "Training curves") -> "Figure":
     """Two panels, loss and accuracy per epoch, train vs validation; missing values are skipped."""
     fig, axes = _figure(11.0, 4.5, ncols=2)
     for ax, metric in zip(axes[0], ("loss", "acc")):
@@ -145,13 +175,20 @@ def plot_training_curves(
         if ax.has_data():
             ax.legend(fontsize=8)
     fig.suptitle(title)
-    return _save(fig, path)
+    return fig
 
 
 def plot_score_histogram(
     scores_in: Any, scores_out: Any, path: str | os.PathLike, threshold: float | None = None,
     title: str = "OOD score distribution",
 ) -> Path:
+    """:func:`score_histogram_figure` written to ``path`` as PNG."""
+    return _save(score_histogram_figure(scores_in, scores_out, threshold, title), path)
+
+
+def score_histogram_figure(
+    scores_in: Any, scores_out: Any, threshold: float | None = None, title: str = "OOD score distribution",
+) -> "Figure":
     """Overlaid density histograms of in-distribution vs OOD scores, with an optional threshold."""
     s_in, s_out = np.asarray(scores_in, float).ravel(), np.asarray(scores_out, float).ravel()
     both = np.r_[s_in, s_out]
@@ -169,4 +206,4 @@ def plot_score_histogram(
     ax.set(xlabel="OOD score (higher = more OOD)", ylabel="density", title=title)
     if ax.has_data() or threshold is not None:
         ax.legend(fontsize=8)
-    return _save(fig, path)
+    return fig

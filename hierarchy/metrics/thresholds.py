@@ -10,7 +10,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from hierarchy.metrics.classification import _desc_cuts, _floats, _labels, _ratio, _same_length, roc_auc
+from hierarchy.metrics.arrays import as_class_indices, as_finite, desc_cuts, ratio, same_length
+from hierarchy.metrics.classification import roc_auc
 
 _EPS = 1e-12  # slack for float comparisons against user targets (199/200 vs 0.995)
 TARGET_KEYS = ("target_precision", "target_coverage", "max_risk")
@@ -48,14 +49,14 @@ def check_target(target: Any, labels: Sequence[str] | None = None) -> str:
 def _cut_stats(probs: np.ndarray, y: np.ndarray, label_idx: int | None) -> dict[str, np.ndarray]:
     """Metrics at every distinct top-1 confidence, strictest threshold first."""
     conf, pred = probs.max(axis=1), probs.argmax(axis=1)
-    order, ends = _desc_cuts(conf)
+    order, ends = desc_cuts(conf)
     k = ends + 1
     stats = {"threshold": conf[order][ends], "n_accepted": k, "coverage": k / len(y),
-             "risk": _ratio(np.cumsum(pred[order] != y[order])[ends], k)}
+             "risk": ratio(np.cumsum(pred[order] != y[order])[ends], k)}
     if label_idx is not None:
         is_label = pred[order] == label_idx
         n_pred = np.cumsum(is_label)[ends]
-        stats["precision"] = _ratio(np.cumsum(is_label & (y[order] == label_idx))[ends], n_pred)
+        stats["precision"] = ratio(np.cumsum(is_label & (y[order] == label_idx))[ends], n_pred)
         stats["n_predicted_label"] = n_pred
     return stats
 
@@ -88,8 +89,8 @@ def tune_threshold(probs: Any, y: Any, target: dict, labels: list[str]) -> dict:
     z = np.asarray(probs, dtype=np.float64)
     if z.ndim != 2 or z.shape[1] != len(labels) or not np.all(np.isfinite(z)):
         raise ValueError(f"probs must be a finite (N, {len(labels)}) array, got shape {z.shape}")
-    y = _labels(y, "y", len(labels))
-    if _same_length(probs=z, y=y) == 0:
+    y = as_class_indices(y, "y", len(labels))
+    if same_length(probs=z, y=y) == 0:
         raise ValueError("tune_threshold needs at least one sample")
     kind = check_target(target, labels)
     label_idx = labels.index(target["label"]) if kind == "target_precision" else None
@@ -111,7 +112,7 @@ def ood_auroc(scores_in: Any, scores_out: Any) -> float | None:
     """AUROC for separating OOD (positive) from in-distribution; higher score = more OOD.
 
     None when either side is empty."""
-    s_in, s_out = _floats(scores_in, "scores_in"), _floats(scores_out, "scores_out")
+    s_in, s_out = as_finite(scores_in, "scores_in"), as_finite(scores_out, "scores_out")
     labels = np.r_[np.zeros(len(s_in), bool), np.ones(len(s_out), bool)]
     return roc_auc(labels, np.r_[s_in, s_out])
 
@@ -128,7 +129,7 @@ def fpr_at_tpr(scores_in: Any, scores_out: Any, tpr: float = 0.95) -> float | No
     Positive = OOD, flagged iff score >= t, with t the ceil(tpr * n_out)-th highest OOD score;
     in-distribution scores tied with t count as flagged. None when either side is empty.
     """
-    s_in, s_out = _floats(scores_in, "scores_in"), _floats(scores_out, "scores_out")
+    s_in, s_out = as_finite(scores_in, "scores_in"), as_finite(scores_out, "scores_out")
     i = _rank_index(tpr, len(s_out), "tpr")
     if len(s_in) == 0 or len(s_out) == 0:
         return None
@@ -140,7 +141,7 @@ def threshold_for_tpr_in(scores_in: Any, keep: float = 0.99) -> float:
     """Score threshold t keeping at least ``keep`` of in-distribution: keep iff score <= t.
 
     t is the ceil(keep * n)-th lowest in-distribution score (so OOD = score > t)."""
-    s_in = _floats(scores_in, "scores_in")
+    s_in = as_finite(scores_in, "scores_in")
     i = _rank_index(keep, len(s_in), "keep")
     if len(s_in) == 0:
         raise ValueError("scores_in is empty")

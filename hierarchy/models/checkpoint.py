@@ -1,9 +1,9 @@
-"""Checkpoints: weights (safetensors only), metadata (JSON, pydantic-validated) and resumable
-training state (``torch.load(weights_only=True)``, never an unsafe fallback).
+"""Checkpoint files that need torch: weights (safetensors only), resumable training state
+(``torch.load(weights_only=True)``, never an unsafe fallback) and the weights/architecture checks.
 
 A run directory holds ``best.safetensors`` + ``metadata.json`` (+ ``last.safetensors`` and the resumable
 ``train_state.pt`` written by training). Metadata and run-directory resolution live in the torch-free
-:mod:`hierarchy.models.metadata` and are re-exported here.
+:mod:`hierarchy.models.metadata`.
 """
 from __future__ import annotations
 
@@ -17,29 +17,10 @@ import torch
 
 from hierarchy.core.errors import CheckpointError
 from hierarchy.core.fsutil import atomic_write_with
-from hierarchy.models.metadata import (
-    FORMAT,
-    MAX_HEADER_BYTES,
-    METADATA_FILE,
-    SCHEMA_VERSION,
-    WEIGHTS_FILE,
-    CheckpointMetadata,
-    check_stage,
-    read_metadata,
-    resolve_checkpoint,
-    update_metadata,
-    write_metadata,
-)
-from hierarchy.models.metadata import sniff_safetensors as _sniff
+from hierarchy.models.metadata import CheckpointMetadata, check_stage, sniff_safetensors
 
 if TYPE_CHECKING:
     from torch import nn
-
-__all__ = [  # the metadata names are re-exported from hierarchy.models.metadata for existing callers
-    "FORMAT", "MAX_HEADER_BYTES", "METADATA_FILE", "SCHEMA_VERSION", "WEIGHTS_FILE", "CheckpointMetadata",
-    "check_stage", "read_metadata", "resolve_checkpoint", "update_metadata", "write_metadata", "save_weights", "load_weights",
-    "save_train_state", "load_train_state", "describe_load_error", "check_compatible", "check_state_dict",
-]
 
 _PLAIN = (str, int, float, bool, type(None), torch.Tensor)
 
@@ -71,7 +52,7 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(path, "weights file not found")
-    problem = _sniff(path)
+    problem = sniff_safetensors(path)
     if problem:
         raise CheckpointError(path, problem)
     try:

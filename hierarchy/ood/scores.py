@@ -1,9 +1,18 @@
-"""The out-of-distribution scores of :mod:`hierarchy.ood.fit` in numpy, for engines that run without torch.
+"""Out-of-distribution (OOD) scores, in numpy: the one implementation every engine uses.
 
-Same formulas, same float32 arithmetic and the same ``ood.safetensors`` statistics (read with
-``safetensors.numpy``), so a pipeline's ``ood: auto`` threshold means the same under
-``hierarchy run --engine onnx`` as under the torch engine (``tests/test_onnx_engine.py`` checks the
-scores agree). Higher = less like the training data.
+Three scores from the forward pass the predictor already runs (higher = less like the training data):
+
+* ``energy``: ``-logsumexp(logits)`` (Liu et al. 2020); needs no statistics.
+* ``mahalanobis``: smallest Mahalanobis distance (squared) of the L2-normalised penultimate
+  features to a class mean, with one covariance shared by all classes, shrunk towards a scaled
+  identity with the Ledoit-Wolf estimate (Lee et al. 2018; normalising first as in Mueller & Hein
+  2025 separated better here, see docs/ood.md). Stores ``means`` (C, D) and ``precision`` (D, D).
+* ``knn``: Euclidean distance of the L2-normalised features to their k-th nearest neighbour in a
+  class-stratified subsample of the train features (Sun et al. 2022). Stores ``bank`` (M, D), fp16.
+
+Features reach the host anyway (every backend returns numpy), so scoring is float32 numpy whatever
+the engine; the statistics live in ``ood.safetensors`` beside the weights (read with
+``safetensors.numpy``, no pickle). Fitting is in :mod:`hierarchy.ood.fit`.
 """
 from __future__ import annotations
 
@@ -15,6 +24,8 @@ import numpy as np
 from hierarchy.core.errors import CheckpointError
 
 METHODS = ("energy", "mahalanobis", "knn")
+DEFAULT_METHOD = "knn"  # see docs/ood.md for the comparison behind this choice
+FORMAT = "hierarchy.ood"
 OOD_FILE = "ood.safetensors"
 DEFAULT_K = 5
 _CHUNK = 4096  # rows scored at once by knn, to bound the (N, M) similarity matrix
@@ -55,30 +66,49 @@ def knn_score(features: np.ndarray, bank: np.ndarray, k: int) -> np.ndarray:
     return np.concatenate(out).astype(np.float32) if out else np.zeros(0, np.float32)
 
 
-class NumpyOODScorer:
-    """The fitted statistics of one run and its ``method``; ``score`` maps features and logits to (N,)."""
+class OODScorer:
+    """Fitted statistics plus the chosen ``method``; ``score`` maps one forward pass (features and
+    logits, numpy) to (N,) scores. Every engine uses this one implementation."""
 
-    def __init__(self, method: str, threshold: float | None = None, *, means: np.ndarray | None = None,
-                 precision: np.ndarray | None = None, bank: np.ndarray | None = None, k: int = DEFAULT_K):
+    def __init__(self, method: str = DEFAULT_METHOD, threshold: float | None = None, *,
+                 means: np.ndarray | None = None, precision: np.ndarray | None = None,
+                 bank: np.ndarray | None = None, k: int = DEFAULT_K):
         if method not in METHODS:
             raise ValueError(f"unknown OOD method {method!r}; use one of {', '.join(METHODS)}")
         self.method, self.threshold, self.k = method, threshold, int(k)
         self.means = None if means is None else np.asarray(means, dtype=np.float32)
         self.precision = None if precision is None else np.asarray(precision, dtype=np.float32)
         self.bank = None if bank is None else np.asarray(bank, dtype=np.float32)
-        if method == "mahalanobis" and (self.means is None or self.precision is None):
-            raise ValueError("OOD method 'mahalanobis' needs means and precision")
-        if method == "knn" and self.bank is None:
-            raise ValueError("OOD method 'knn' needs a bank")
+        if method not in self.available():
+            raise ValueError(f"OOD method {method!r} needs statistics that were not given")
         _check_shapes(self.means, self.precision, self.bank)
 
-    def score(self, features: np.ndarray, logits: np.ndarray) -> np.ndarray:
-        """(N,) float32 scores by the scorer's method."""
-        if self.method == "energy":
-            return energy_score(logits)
-        if self.method == "mahalanobis":
+    def available(self) -> list[str]:
+        """The methods this scorer has statistics for."""
+        have = {"energy": True, "mahalanobis": self.means is not None and self.precision is not None,
+                "knn": self.bank is not None}
+        return [m for m in METHODS if have[m]]
+
+    def score(self, features: np.ndarray, logits: np.ndarray, method: str | None = None) -> np.ndarray:
+        """(N,) float32 scores by ``method`` (default: the scorer's own)."""
+        method = method or self.method
+        if method not in self.available():
+            raise ValueError(f"OOD method {method!r} is not available (have {', '.join(self.available())})")
+        if method == "energy":
+            return energy_score(logits).astype(np.float32)
+        if method == "mahalanobis":
             return mahalanobis_score(l2_normalize(features), self.means, self.precision)  # type: ignore[arg-type]
         return knn_score(features, self.bank, self.k)  # type: ignore[arg-type]
+
+    def score_all(self, features: np.ndarray, logits: np.ndarray) -> dict[str, np.ndarray]:
+        """Every available method's scores as float64 arrays (for fitting and evaluation)."""
+        return {m: self.score(features, logits, m).astype(np.float64) for m in self.available()}
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The statistics as stored in ``ood.safetensors`` (the bank in fp16)."""
+        out = {"means": self.means, "precision": self.precision,
+               "bank": None if self.bank is None else self.bank.astype(np.float16)}
+        return {k: np.ascontiguousarray(v) for k, v in out.items() if v is not None}
 
 
 def _check_shapes(means: np.ndarray | None, precision: np.ndarray | None, bank: np.ndarray | None) -> None:
@@ -90,18 +120,18 @@ def _check_shapes(means: np.ndarray | None, precision: np.ndarray | None, bank: 
         raise ValueError(f"inconsistent shapes {dims}: expected means (C, D), precision (D, D), bank (M, D)")
 
 
-def load_numpy_scorer(ood: dict[str, Any] | None, run_dir: Path) -> NumpyOODScorer | None:
-    """The scorer a checkpoint's ``ood`` metadata describes (None when there is none), checked as
-    :func:`hierarchy.ood.fit.load_scorer` checks it: file present, SHA-256 as recorded, finite values."""
+def load_scorer(ood: dict[str, Any] | None, run_dir: Path) -> OODScorer | None:
+    """The scorer a checkpoint's ``ood`` metadata describes (None when there is none), after checking
+    its statistics file: present, SHA-256 as recorded, a plain safetensors file, finite values."""
     if not ood or ood.get("method") is None:
         return None
     threshold = None if ood.get("threshold") is None else float(ood["threshold"])
     if ood["method"] == "energy" and not ood.get("file"):
-        return NumpyOODScorer("energy", threshold)
+        return OODScorer("energy", threshold)
     path = Path(run_dir) / str(ood.get("file") or OOD_FILE)
     arrays = _load_statistics(path, ood.get("sha256"))
     try:
-        return NumpyOODScorer(str(ood["method"]), threshold, means=arrays.get("means"),
+        return OODScorer(str(ood["method"]), threshold, means=arrays.get("means"),
                               precision=arrays.get("precision"), bank=arrays.get("bank"),
                               k=int((ood.get("fit") or {}).get("k", DEFAULT_K)))
     except ValueError as e:
@@ -132,3 +162,15 @@ def _load_statistics(path: Path, sha256: str | None) -> dict[str, np.ndarray]:
         if a.dtype.kind == "f" and not np.isfinite(a).all():
             raise CheckpointError(path, f"tensor '{name}' contains NaN/Inf")
     return arrays
+
+
+def save_scorer(scorer: OODScorer, run_dir: Path) -> str:
+    """Atomically write ``ood.safetensors`` into ``run_dir``; return its SHA-256."""
+    from safetensors.numpy import save_file
+
+    from hierarchy.core.fsutil import atomic_write_with, sha256_file
+
+    path = Path(run_dir) / OOD_FILE
+    header = {"format": FORMAT, "method": scorer.method, "k": str(scorer.k)}
+    atomic_write_with(path, lambda tmp: save_file(scorer.arrays(), tmp, metadata=header))
+    return sha256_file(path)

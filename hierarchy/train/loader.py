@@ -1,10 +1,7 @@
 """Datasets and loaders for training: uint8 tensors from the shared preset, normalised on device."""
 from __future__ import annotations
 
-import collections
-import itertools
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
@@ -14,6 +11,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, WeightedRandomS
 
 from hierarchy.core.errors import DatasetError, ImageError
 from hierarchy.core.perf import cpu_count
+from hierarchy.data.batches import Decoded, decode_batches, decode_item, preset_key
 from hierarchy.data.preset import Preset
 
 if TYPE_CHECKING:
@@ -38,17 +36,25 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def load(self, i: int) -> torch.Tensor | None:
-        """Sample i as uint8 (3, S, S): from the cache, else decoded (hierarchy.data.decode fast path)."""
-        if self.cache is not None:
-            return torch.from_numpy(self.cache.array[i].copy()) if self.cache.ok[i] else None
-        from hierarchy.data.decode import decode_uint8
+    def decode(self, i: int) -> Decoded:
+        """Sample i's uint8 (3, S, S) (or its typed error): from the cache, else decoded now."""
+        path = self.samples[i].path
+        if self.cache is None:
+            return decode_item(path, [self.preset])
+        if not self.cache.ok[i]:  # logged once, when the cache was built
+            return Decoded(path, error=ImageError("undecodable", path, "could not be decoded into the cache"))
+        return Decoded(path, arrays={preset_key(self.preset): self.cache.array[i].copy()})
 
-        try:
-            return decode_uint8(self.samples[i].path, [self.preset.size])[self.preset.size]
-        except ImageError as exc:
-            log.warning("skipping %s", exc)
-            return None
+    def tensor(self, item: Decoded) -> torch.Tensor | None:
+        """The decoded item's uint8 tensor, or None (logged, unless the cache logged it) when undecodable."""
+        if item.error is None:
+            return item.tensor(self.preset)
+        if self.cache is None:
+            log.warning("skipping %s", item.error)
+        return None
+
+    def load(self, i: int) -> torch.Tensor | None:
+        return self.tensor(self.decode(i))
 
     def augment(self, x: torch.Tensor | None, i: int) -> tuple[torch.Tensor, int] | None:
         """The recipe's only augmentation, a horizontal flip (one draw from torch's global RNG)."""
@@ -134,33 +140,24 @@ def loader_kind(requested: int | str) -> tuple[str, int]:
 
 class ThreadedLoader:
     """A DataLoader stand-in for few cores: indices come from the same sampler in the main thread,
-    batches are decoded in a thread pool (libjpeg and the resize release the GIL) with ``prefetch``
-    batches in flight, and the flip is drawn in the main thread in index order, so a run is as
+    the next batch is decoded in a thread pool (:func:`hierarchy.data.batches.decode_batches`)
+    while this one trains, and the flip is drawn in the main thread in index order, so a run is as
     deterministic as the single-process DataLoader."""
 
-    def __init__(self, dataset: ImageDataset, batch_size: int, sampler: Any = None, threads: int = 2,
-                 prefetch: int = 2):
+    def __init__(self, dataset: ImageDataset, batch_size: int, sampler: Any = None, threads: int = 2):
         self.dataset, self.batch_size, self.sampler = dataset, batch_size, sampler
-        self.threads, self.prefetch = max(1, threads), max(1, prefetch)
+        self.threads = max(1, threads)
 
     def __len__(self) -> int:
         n = len(self.sampler) if self.sampler is not None else len(self.dataset)
         return (n + self.batch_size - 1) // self.batch_size
 
-    def _load(self, idx: list[int]) -> list[torch.Tensor | None]:
-        return [self.dataset.load(i) for i in idx]
-
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        indices = iter(self.sampler) if self.sampler is not None else iter(range(len(self.dataset)))
-        chunks = iter(lambda: list(itertools.islice(indices, self.batch_size)), [])
-        with ThreadPoolExecutor(max_workers=self.threads) as pool:
-            pending = collections.deque((idx, pool.submit(self._load, idx))
-                                        for idx in itertools.islice(chunks, self.prefetch))
-            while pending:
-                idx, fut = pending.popleft()
-                xs = fut.result()
-                pending.extend((nxt, pool.submit(self._load, nxt)) for nxt in itertools.islice(chunks, 1))
-                yield collate([self.dataset.augment(x, i) for x, i in zip(xs, idx)])
+        ds, n = self.dataset, self.batch_size
+        order = [int(i) for i in (self.sampler if self.sampler is not None else range(len(ds)))]
+        batches = decode_batches(order, ds.decode, n, self.threads, path_of=lambda i: ds.samples[i].path)
+        for k, items in enumerate(batches):
+            yield collate([ds.augment(ds.tensor(d), i) for d, i in zip(items, order[k * n:k * n + len(items)])])
 
 
 def _caches(data: Path, train_s: list["Sample"], val_s: list["Sample"], size: int) -> tuple[Any, Any]:
@@ -171,12 +168,15 @@ def _caches(data: Path, train_s: list["Sample"], val_s: list["Sample"], size: in
             load_or_build(data, val_s, size, "val", threads=threads))
 
 
-def _loader(ds: ImageDataset, batch_size: int, sampler: Any, cfg: "TrainConfig", device: torch.device) -> Any:
-    kind, n = loader_kind(cfg.workers)
+def batch_loader(ds: ImageDataset, batch_size: int, sampler: Any = None, workers: int | str = "auto",
+                 pin_memory: bool = False) -> "ThreadedLoader | DataLoader":
+    """Batches of ``ds`` (in ``sampler`` order, else in order) decoded the way ``workers`` asks,
+    see :func:`loader_kind`: uint8 (N, 3, S, S) and label indices, undecodable samples dropped."""
+    kind, n = loader_kind(workers)
     if kind == "threads":
-        return ThreadedLoader(ds, batch_size, sampler, threads=n, prefetch=max(2, n))
+        return ThreadedLoader(ds, batch_size, sampler, threads=n)
     return DataLoader(ds, batch_size=batch_size, sampler=sampler, shuffle=False, drop_last=False, num_workers=n,
-                      collate_fn=collate, pin_memory=device.type == "cuda", persistent_workers=n > 0)
+                      collate_fn=collate, pin_memory=pin_memory, persistent_workers=n > 0)
 
 
 def make_loaders(data: Path, labels: Sequence[str], preset: Preset, cfg: "TrainConfig", device: torch.device) -> Loaders:
@@ -193,6 +193,7 @@ def make_loaders(data: Path, labels: Sequence[str], preset: Preset, cfg: "TrainC
         sampler = WeightedRandomSampler(weights, num_samples=len(train_ds), replacement=True, generator=gen)
     else:
         sampler = RandomSampler(train_ds, generator=gen)
-    train = _loader(train_ds, cfg.batch_size, sampler, cfg, device)
-    val = _loader(val_ds, cfg.batch_size, None, cfg, device)
+    pin = device.type == "cuda"
+    train = batch_loader(train_ds, cfg.batch_size, sampler, cfg.workers, pin)
+    val = batch_loader(val_ds, cfg.batch_size, None, cfg.workers, pin)
     return Loaders(Loader(train, preset), Loader(val, preset), gen, cfg.seed)

@@ -10,12 +10,12 @@ import numpy as np
 if TYPE_CHECKING:
     from torch import nn
 
-    from hierarchy.train.trainer import RunState, _Context
+    from hierarchy.train.trainer import RunState, TrainContext
 
 log = logging.getLogger("hierarchy.train")
 
 
-def best_eval(ctx: "_Context", model: "nn.Module") -> dict[str, Any]:
+def best_eval(ctx: "TrainContext", model: "nn.Module") -> dict[str, Any]:
     """Validation logits of the best checkpoint (re-computed when a resumed run has none in memory)."""
     if ctx.best_eval is not None:
         return ctx.best_eval
@@ -41,7 +41,7 @@ def calibration(logits: np.ndarray, targets: np.ndarray) -> dict[str, Any]:
     return out
 
 
-def finalize_run(ctx: "_Context", state: "RunState", model: "nn.Module") -> None:
+def finalize_run(ctx: "TrainContext", state: "RunState", model: "nn.Module") -> None:
     ev = best_eval(ctx, model)
     extra: dict[str, Any] = {}
     if ctx.cfg.calibrate:
@@ -57,7 +57,7 @@ def finalize_run(ctx: "_Context", state: "RunState", model: "nn.Module") -> None
     print(f"saved {ctx.run_dir} (best epoch {state.best_epoch})", file=sys.stderr)
 
 
-def _tuned_threshold(ctx: "_Context", ev: dict[str, Any], temperature: float) -> dict[str, Any]:
+def _tuned_threshold(ctx: "TrainContext", ev: dict[str, Any], temperature: float) -> dict[str, Any]:
     """``{"threshold": {...}}`` tuned on val to ``cfg.threshold_target`` (what ``threshold: auto`` reads)."""
     from hierarchy.metrics.classification import softmax
     from hierarchy.metrics.thresholds import tune_threshold
@@ -76,14 +76,14 @@ def _tuned_threshold(ctx: "_Context", ev: dict[str, Any], temperature: float) ->
     return {"threshold": {**tuned, "data": str(ctx.data), "split": "val"}}
 
 
-def _fit_ood(ctx: "_Context", model: "nn.Module") -> dict[str, Any]:
+def _fit_ood(ctx: "TrainContext", model: "nn.Module") -> dict[str, Any]:
     """Out-of-distribution scorer fitted on the train split (see hierarchy/ood/fit.py); empty when off."""
-    from hierarchy.ood.fit import fit_for_run
+    from hierarchy.train.ood import fit_for_run
 
     return fit_for_run(ctx, model)
 
 
-def _plots(ctx: "_Context", state: "RunState", ev: dict[str, Any]) -> None:
+def _plots(ctx: "TrainContext", state: "RunState", ev: dict[str, Any]) -> None:
     try:
         from hierarchy.metrics.classification import confusion_matrix
         from hierarchy.metrics.plots import plot_confusion, plot_training_curves

@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-    from hierarchy.train.trainer import RunState, _Context
+    from hierarchy.train.trainer import RunState, TrainContext
 
 log = logging.getLogger("hierarchy.train")
 
 
-def recover_run(ctx: "_Context", state: "RunState", weights: "dict[str, torch.Tensor]") -> None:
+def recover_run(ctx: "TrainContext", state: "RunState", weights: "dict[str, torch.Tensor]") -> None:
     """Delete leftover temp files, then complete the writes that follow the last commit."""
     from hierarchy.core.fsutil import remove_temp_files
 

@@ -45,7 +45,7 @@ def train_stage(stage: "Stage", data: Path | None, out: Path | None = None, *, r
                 progress: bool = True) -> Path:
     """Train ``stage`` with ``stage.config.train``; returns the run directory."""
     from hierarchy.models.checkpoint import load_train_state
-    from hierarchy.engine.torch_backend import select_device, select_precision
+    from hierarchy.models.device import select_device, select_precision
 
     cfg = stage.config.train
     state, run_dir, model_state, opt_state = RunState(), None, None, None
@@ -68,7 +68,7 @@ def train_stage(stage: "Stage", data: Path | None, out: Path | None = None, *, r
                            fused=device.type in ("cpu", "cuda") or None)
     if opt_state is not None:
         opt.load_state_dict(opt_state)
-    ctx = _Context(stage, cfg, run_dir, data, device, precision, preset, arch, loaders, grad_scaler(device, precision))
+    ctx = TrainContext(stage, cfg, run_dir, data, device, precision, preset, arch, loaders, grad_scaler(device, precision))
     if resume is None:
         ctx.write_config()
     else:
@@ -83,7 +83,7 @@ def train_stage(stage: "Stage", data: Path | None, out: Path | None = None, *, r
 
 
 @dataclass
-class _Context:
+class TrainContext:
     stage: "Stage"
     cfg: "TrainConfig"
     run_dir: Path
@@ -159,7 +159,7 @@ class _Context:
         finalize_run(self, state, model)
 
 
-def _fit(ctx: _Context, model: nn.Module, opt: torch.optim.Optimizer, state: RunState, progress: bool) -> None:
+def _fit(ctx: TrainContext, model: nn.Module, opt: torch.optim.Optimizer, state: RunState, progress: bool) -> None:
     cfg = ctx.cfg
     for epoch in range(state.epoch + 1, cfg.epochs + 1):
         torch.manual_seed(cfg.seed * 1000 + epoch)  # resume-safe: randomness depends only on seed and epoch
@@ -183,7 +183,7 @@ def _fit(ctx: _Context, model: nn.Module, opt: torch.optim.Optimizer, state: Run
             break
 
 
-def _train_epoch(ctx: _Context, model: nn.Module, opt: torch.optim.Optimizer, epoch: int, progress: bool) -> tuple[float, float]:
+def _train_epoch(ctx: TrainContext, model: nn.Module, opt: torch.optim.Optimizer, epoch: int, progress: bool) -> tuple[float, float]:
     from tqdm import tqdm
 
     model.train()
@@ -218,7 +218,7 @@ def _train_epoch(ctx: _Context, model: nn.Module, opt: torch.optim.Optimizer, ep
     return (loss_sum / total if total else math.nan), (correct / total if total else math.nan)
 
 
-def _step(ctx: _Context, model: nn.Module, opt: torch.optim.Optimizer, loss: torch.Tensor) -> bool:
+def _step(ctx: TrainContext, model: nn.Module, opt: torch.optim.Optimizer, loss: torch.Tensor) -> bool:
     """Backward and optimizer step; False (and no step) when the loss or a gradient is not finite,
     so the weights never see a NaN/Inf. With fp16 the GradScaler's overflow steps are expected:
     they lower the scale and are skipped without counting as bad steps."""
@@ -248,7 +248,7 @@ def _grads_finite(model: nn.Module) -> bool:
     return not grads or bool(torch.stack([g.isfinite().all() for g in grads]).all())
 
 
-def _bad_step(ctx: _Context, epoch: int, step: int, bad: int, loss: torch.Tensor) -> None:
+def _bad_step(ctx: TrainContext, epoch: int, step: int, bad: int, loss: torch.Tensor) -> None:
     """Log a skipped step; stop after MAX_BAD_STEPS in a row (nothing of this epoch is saved)."""
     what = "loss" if not torch.isfinite(loss) else "gradient"
     log.warning("epoch %d step %d: non-finite %s (loss %s); step skipped", epoch, step, what, loss.item())
@@ -298,7 +298,7 @@ def memory_format(device: torch.device, precision: str) -> torch.memory_format:
     return torch.channels_last
 
 
-def _to_device(ctx: _Context, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _to_device(ctx: TrainContext, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     x = x.to(ctx.device, non_blocking=True)
     x = ctx.loaders.train.normalize(x).contiguous(memory_format=memory_format(ctx.device, ctx.precision))
     return x, y.to(ctx.device, non_blocking=True)

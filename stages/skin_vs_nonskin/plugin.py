@@ -5,33 +5,20 @@ Registered through the ``hierarchy.stages`` entry point, exactly like a third-pa
 """
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Callable
 
-from hierarchy.config.dataset import CocoSource, DatasetConfig, Ham10000Source
-from hierarchy.config.stage import Stage, StageConfig
-from registry import hookimpl
+from hierarchy import CocoSource, Ham10000Source, Stage, hookimpl
 
 HIERARCHY_PLUGIN_API = 1
-
-
-def default_dataset() -> DatasetConfig:
-    return DatasetConfig(sources=[
-        Ham10000Source(type="ham10000", label="skin"),
-        CocoSource(type="coco", label="non-skin"),
-    ])
-
-
-class SkinVsNonskinConfig(StageConfig):
-    dataset: DatasetConfig = Field(default_factory=default_dataset)
 
 
 class SkinVsNonskin(Stage):
     name = "skin_vs_nonskin"
     labels = ("skin", "non-skin")
     description = "Is this a skin (dermoscopic) image at all? HAM10000 vs COCO."
-    Config = SkinVsNonskinConfig
+    sources = (Ham10000Source(label="skin"), CocoSource(label="non-skin"))
 
 
 @hookimpl
-def register_stages(register) -> None:
+def register_stages(register: Callable[[type[Stage]], None]) -> None:
     register(SkinVsNonskin)

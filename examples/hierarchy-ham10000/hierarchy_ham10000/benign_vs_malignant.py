@@ -8,11 +8,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from pydantic import Field
-
-from hierarchy.config.dataset import DatasetConfig, Ham10000Source
-from hierarchy.config.stage import Stage, StageConfig
-from registry import hookimpl
+from hierarchy import Ham10000Source, Stage, hookimpl
 
 HIERARCHY_PLUGIN_API = 1
 
@@ -21,20 +17,11 @@ BENIGN_DX = ("bkl", "df", "nv", "vasc")
 LABEL_MAP = {**{dx: "malignant" for dx in MALIGNANT_DX}, **{dx: "benign" for dx in BENIGN_DX}}
 
 
-def default_dataset() -> DatasetConfig:
-    """HAM10000, every dx mapped to benign or malignant (grouped split by lesion_id)."""
-    return DatasetConfig(sources=[Ham10000Source(type="ham10000", label_map=dict(LABEL_MAP))])
-
-
-class BenignVsMalignantConfig(StageConfig):
-    dataset: DatasetConfig = Field(default_factory=default_dataset)
-
-
 class BenignVsMalignant(Stage):
     name = "benign_vs_malignant"
     labels = ("benign", "malignant")
     description = "HAM10000 lesion: benign (nv, bkl, df, vasc) or malignant (mel, bcc, akiec)."
-    Config = BenignVsMalignantConfig
+    sources = (Ham10000Source(label_map=LABEL_MAP),)  # every dx -> benign or malignant
 
 
 @hookimpl

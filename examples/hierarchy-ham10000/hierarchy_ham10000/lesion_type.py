@@ -9,31 +9,18 @@ from __future__ import annotations
 
 from typing import Callable
 
-from pydantic import Field
-
-from hierarchy.config.dataset import DatasetConfig, Ham10000Source
-from hierarchy.config.stage import Stage, StageConfig
-from registry import hookimpl
+from hierarchy import Ham10000Source, Stage, hookimpl
 
 HIERARCHY_PLUGIN_API = 1
 
 DX_CLASSES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
 
 
-def default_dataset() -> DatasetConfig:
-    """HAM10000 with each dx as its own label (grouped split by lesion_id)."""
-    return DatasetConfig(sources=[Ham10000Source(type="ham10000", label_map={dx: dx for dx in DX_CLASSES})])
-
-
-class LesionTypeConfig(StageConfig):
-    dataset: DatasetConfig = Field(default_factory=default_dataset)
-
-
 class LesionType(Stage):
     name = "lesion_type"
     labels = DX_CLASSES
     description = "HAM10000 diagnosis: akiec, bcc, bkl, df, mel, nv or vasc."
-    Config = LesionTypeConfig
+    sources = (Ham10000Source(label_map={dx: dx for dx in DX_CLASSES}),)  # each dx is its own label
 
 
 @hookimpl

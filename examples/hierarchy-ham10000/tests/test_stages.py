@@ -45,8 +45,11 @@ def test_dataset_labels_follow_dx_and_lesions_stay_in_one_split(ham_stages, ham_
     from hierarchy_ham10000.benign_vs_malignant import LABEL_MAP
     from registry import get_stage
 
+    from hierarchy.data.builder import build_dataset
+
     cls = get_stage(name)
-    info = cls().build_dataset(tmp_path / "ds", roots={"ham10000": ham_root}, progress=False)
+    info = build_dataset(cls().config.dataset, tmp_path / "ds", labels=cls.labels, stage=cls.name,
+                         roots={"ham10000": ham_root}, progress=False)
     rows = read_manifest(tmp_path / "ds")
     dx_of = read_dx(ham_root)
     assert info["num_items"] == len(rows) == len(dx_of)

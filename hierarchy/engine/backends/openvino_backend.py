@@ -1,0 +1,65 @@
+"""The OpenVINO backend: compiles the model ``hierarchy export`` wrote beside the weights (the same
+verified ``best.onnx`` the ONNX engine runs) with OpenVINO's CPU plugin, in bf16 on CPUs with native
+bf16 (AVX512-BF16/AMX) and fp32 elsewhere. No torch import."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hierarchy.core.errors import EngineError, ExportError
+from hierarchy.engine.backends.base import Checkpoint
+from hierarchy.engine.exported import OUTPUT_NAMES, import_runtime, onnx_path_for, read_verified_export
+
+log = logging.getLogger(__name__)
+
+HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}  # our precision -> INFERENCE_PRECISION_HINT
+
+
+class OpenVinoBackend:
+    """Implements :class:`hierarchy.engine.backends.base.Backend` with an OpenVINO compiled model."""
+
+    name = "openvino"
+    device = "cpu"
+
+    def __init__(self, compiled: Any, preset: Any, precision: str):
+        self.compiled, self.preset, self.precision = compiled, preset, precision
+        self.request = compiled.create_infer_request()
+        self.outputs = [compiled.output(n) for n in OUTPUT_NAMES]
+
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        result = self.request.infer([self.preset.normalize_array(batch)])
+        logits, features = (result[o] for o in self.outputs)
+        return np.asarray(logits, dtype=np.float32), np.asarray(features, dtype=np.float32)
+
+
+def select_precision(capabilities: Any, requested: str) -> str:
+    """``auto``: bf16 where the CPU plugin reports native BF16, else fp32. An explicit request the
+    CPU cannot serve falls back to fp32 with a warning (as the torch engine does)."""
+    caps = {str(c).upper() for c in capabilities}
+    if requested == "auto":
+        return "bf16" if "BF16" in caps else "fp32"
+    if requested != "fp32" and requested.upper() not in caps:
+        log.warning("precision %s is not supported natively by OpenVINO on this CPU; using fp32", requested)
+        return "fp32"
+    return requested
+
+
+def compile_model(core: Any, model: bytes, precision: str, onnx_path: Path) -> Any:
+    try:
+        return core.compile_model(core.read_model(model), "CPU", {"INFERENCE_PRECISION_HINT": HINTS[precision]})
+    except Exception as e:  # noqa: BLE001 - OpenVINO raises its own exception types
+        raise ExportError(onnx_path, f"OpenVINO cannot load this model ({type(e).__name__}: {e}); "
+                          f"re-run `hierarchy export {onnx_path.parent}`") from e
+
+
+def load(ckpt: Checkpoint, device: str, precision: str) -> OpenVinoBackend:
+    if device not in ("auto", "cpu"):
+        raise EngineError(f"device '{device}' is not supported by --engine openvino (its CPU plugin is used); "
+                          "use auto or cpu, or --engine torch for CUDA and MPS")
+    model = read_verified_export(ckpt)
+    core = import_runtime("openvino", "openvino", "openvino").Core()
+    chosen = select_precision(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"), precision)
+    return OpenVinoBackend(compile_model(core, model, chosen, onnx_path_for(ckpt.weights)), ckpt.preset, chosen)
