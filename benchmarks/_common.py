@@ -99,7 +99,7 @@ def export_for_onnx(run: Path) -> bool:
     import importlib.util
 
     if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None:
-        print("onnxruntime/onnx not installed (pip install 'hierarchy[onnx]'): no exported-engine rows", flush=True)
+        print("onnxruntime/onnx not installed (pip install 'hierarchy-cascade[onnx]'): no exported-engine rows", flush=True)
         return False
     from hierarchy.engine.export import export_run
 

@@ -60,7 +60,7 @@ def ours(pipe: Path, paths: list[Path], out: Path, precision: str = "auto", batc
 
 
 def model_only(run: Path, batches, precision: str, engine: str = "torch") -> float:
-    from stages.skin_vs_nonskin.plugin import SkinVsNonskin
+    from hierarchy.stages.skin_vs_nonskin.plugin import SkinVsNonskin
 
     from hierarchy.engine.predictor import load_predictor
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _EXPORTS = {
     "Stage": "hierarchy.config.stage",
@@ -21,7 +21,7 @@ _EXPORTS = {
     "Ham10000Source": "hierarchy.data.sources",
     "CocoSource": "hierarchy.data.sources",
     "FolderSource": "hierarchy.data.sources",
-    "hookimpl": "registry",
+    "hookimpl": "hierarchy.registry",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -12,7 +12,7 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 @pytest.fixture
 def no_autoload(monkeypatch):
     """A registry with entry-point autoload disabled: only what the test registers exists."""
-    from registry import reset_registry
+    from hierarchy.registry import reset_registry
 
     monkeypatch.setenv("HIERARCHY_DISABLE_PLUGIN_AUTOLOAD", "1")
     monkeypatch.delenv("HIERARCHY_PLUGINS", raising=False)
@@ -24,7 +24,7 @@ def no_autoload(monkeypatch):
 @pytest.fixture
 def real_stages(monkeypatch):
     """The installed stages (skin_vs_nonskin, ...), loaded through their entry points."""
-    from registry import reset_registry
+    from hierarchy.registry import reset_registry
 
     monkeypatch.delenv("HIERARCHY_DISABLE_PLUGIN_AUTOLOAD", raising=False)
     monkeypatch.delenv("HIERARCHY_PLUGINS", raising=False)
@@ -37,7 +37,7 @@ def real_stages(monkeypatch):
 def fake_stages(no_autoload):
     """Registers the colour-based fake stages from tests/fakes.py."""
     from fakes import CALLS, FakePlugin
-    from registry import register_plugin
+    from hierarchy.registry import register_plugin
 
     CALLS.clear()
     register_plugin(FakePlugin(), name="fakes")

@@ -14,7 +14,7 @@ from PIL import Image
 
 from hierarchy.data.preset import Preset
 from hierarchy.config.stage import Prediction, Stage
-from registry import hookimpl
+from hierarchy.registry import hookimpl
 
 CALLS: dict[str, list[int]] = {}
 

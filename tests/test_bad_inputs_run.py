@@ -27,7 +27,7 @@ from hierarchy.commands.cli import main
 from hierarchy.engine.pipeline import parse_pipeline
 from hierarchy.engine.router import Router
 from hierarchy.config.stage import Stage
-from registry import hookimpl, register_plugin
+from hierarchy.registry import hookimpl, register_plugin
 
 ERROR_TYPES = {"not_found", "not_a_file", "unreadable", "empty", "too_large", "unsupported_format",
                "undecodable", "truncated"}

@@ -38,7 +38,7 @@ def val_predictions(root, run):
 
     from hierarchy.evaluate.runner import select_samples
     from hierarchy.data.imageio import load_image
-    from registry import get_stage
+    from hierarchy.registry import get_stage
 
     predictor = load_predictor(get_stage("skin_vs_nonskin")(), run, device="cpu", precision="fp32")
     samples, _ = select_samples(root / "ds", "val")

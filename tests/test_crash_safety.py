@@ -62,7 +62,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """synth + `hierarchy build-dataset`: ~16 images, train and val splits."""
     from hierarchy.data import synth
     from hierarchy.commands.cli import main
-    from registry import reset_registry
+    from hierarchy.registry import reset_registry
 
     root = tmp_path_factory.mktemp("crash")
     ham = synth.make_ham10000(root / "ham", n_lesions=8, max_images_per_lesion=1, size=(24, 24), seed=3)
@@ -135,7 +135,7 @@ def check_finished(run: Path) -> None:
     from safetensors import safe_open
 
     from hierarchy.engine.predictor import load_predictor
-    from registry import get_stage, reset_registry
+    from hierarchy.registry import get_stage, reset_registry
 
     state = load_train_state(run / "train_state.pt")
     assert state["epoch"] == EPOCHS and [r["epoch"] for r in state["history"]] == list(range(1, EPOCHS + 1))
@@ -195,7 +195,7 @@ def test_kill_at_each_write_then_resume(data: Path, monkeypatch, name: str, nth:
 @pytest.mark.slow
 def test_kill_before_the_first_commit_cannot_resume(data: Path, monkeypatch, capsys) -> None:
     from hierarchy.commands.cli import main
-    from registry import reset_registry
+    from hierarchy.registry import reset_registry
 
     monkeypatch.delenv("HIERARCHY_DISABLE_PLUGIN_AUTOLOAD", raising=False)
     reset_registry()
@@ -292,7 +292,7 @@ def one_thread() -> Any:
 def good_run(data: Path) -> Path:
     """One clean epoch, trained in-process."""
     from hierarchy.config.load import load_stage_config
-    from stages.skin_vs_nonskin.plugin import SkinVsNonskin
+    from hierarchy.stages.skin_vs_nonskin.plugin import SkinVsNonskin
 
     train = {**train_options(), "epochs": 1, "pretrained": "none", "img_size": 32, "batch_size": 4,
              "out": str(data / "nan-runs"), "name": "good"}
@@ -301,7 +301,7 @@ def good_run(data: Path) -> Path:
 
 def resume_in_process(run: Path, **train: Any) -> Path:
     from hierarchy.config.load import load_stage_config
-    from stages.skin_vs_nonskin.plugin import SkinVsNonskin
+    from hierarchy.stages.skin_vs_nonskin.plugin import SkinVsNonskin
 
     config = load_stage_config(SkinVsNonskin, run / "config.yaml", train={"epochs": EPOCHS, **train})
     return train_stage(SkinVsNonskin(config), None, resume=run, progress=False)

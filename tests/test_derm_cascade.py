@@ -35,8 +35,8 @@ def derm_stages(no_autoload, monkeypatch):
     monkeypatch.syspath_prepend(str(EXAMPLE))
     from hierarchy_ham10000 import benign_vs_malignant, lesion_type
 
-    from registry import register_plugin
-    from stages.skin_vs_nonskin import plugin as gate
+    from hierarchy.registry import register_plugin
+    from hierarchy.stages.skin_vs_nonskin import plugin as gate
 
     register_plugin(gate, name="skin_vs_nonskin")
     register_plugin(benign_vs_malignant, name="benign_vs_malignant")

@@ -27,7 +27,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def gate():
-    from stages.skin_vs_nonskin.plugin import SkinVsNonskin
+    from hierarchy.stages.skin_vs_nonskin.plugin import SkinVsNonskin
 
     return SkinVsNonskin()
 
@@ -58,8 +58,8 @@ def test_auto_falls_back_to_onnx_then_torch_when_runtimes_are_missing(run: Path,
     without(monkeypatch, "openvino", "onnxruntime")
     engine, log = pick(gate, run, caplog)
     assert engine == "torch"
-    assert "not openvino: openvino is not installed (pip install 'hierarchy[openvino]')" in log
-    assert "not onnx: onnxruntime is not installed (pip install 'hierarchy[onnx]')" in log
+    assert "not openvino: openvino is not installed (pip install 'hierarchy-cascade[openvino]')" in log
+    assert "not onnx: onnxruntime is not installed (pip install 'hierarchy-cascade[onnx]')" in log
 
 
 def test_auto_falls_back_to_torch_without_an_export(run: Path, gate, caplog, tmp_path: Path) -> None:

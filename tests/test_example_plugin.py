@@ -39,7 +39,7 @@ def ham_stages(no_autoload, monkeypatch):
     monkeypatch.syspath_prepend(str(EXAMPLE))
     from hierarchy_ham10000 import benign_vs_malignant, lesion_type
 
-    from registry import register_plugin
+    from hierarchy.registry import register_plugin
 
     register_plugin(benign_vs_malignant, name="benign_vs_malignant")
     register_plugin(lesion_type, name="lesion_type")
@@ -54,7 +54,7 @@ def test_stages_json_shows_the_example_distribution(example_site):
         assert by_name[name]["dist"] == DIST and by_name[name]["version"] == DIST_VERSION
         assert by_name[name]["labels"] == labels
         assert by_name[name]["module"] == f"hierarchy_ham10000.{name}"
-    assert by_name["skin_vs_nonskin"]["dist"] == "hierarchy"
+    assert by_name["skin_vs_nonskin"]["dist"] == "hierarchy-cascade"
     assert data["broken"] == []
 
 
@@ -78,7 +78,7 @@ def test_example_modules_are_short():
 
 @pytest.mark.real_data
 def test_real_ham10000_disease_datasets_keep_lesions_in_one_split(real_data, ham_stages, tmp_path, capsys):
-    from registry import get_stage
+    from hierarchy.registry import get_stage
 
     from hierarchy.data.builder import build_dataset
 

@@ -200,7 +200,7 @@ def test_cache_marks_unreadable_images(tmp_path: Path) -> None:
 
 
 def _train(data: Path, out: Path, **train: object) -> dict[str, str]:
-    from stages.skin_vs_nonskin.plugin import SkinVsNonskin
+    from hierarchy.stages.skin_vs_nonskin.plugin import SkinVsNonskin
 
     cfg = SkinVsNonskin.Config(train={"pretrained": "none", "epochs": 2, "batch_size": 8, "img_size": SIZE,
                                       "calibrate": False, "threshold_target": None, "ood": False, **train})

@@ -97,12 +97,13 @@ def test_templates_ship_in_a_regular_install(tmp_path):
     src = tmp_path / "src"
     for name in ("hierarchy", "registry", "stages"):
         shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(REPO / "pyproject.toml", src)
+    for name in ("pyproject.toml", "setup.py"):
+        shutil.copy(REPO / name, src)
     readme = REPO / "README.md"
     (src / "README.md").write_text(readme.read_text() if readme.is_file() else "hierarchy\n")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index",
                     "-w", str(tmp_path / "dist"), str(src)], check=True, capture_output=True)
-    wheel = next((tmp_path / "dist").glob("hierarchy-*.whl"))
+    wheel = next((tmp_path / "dist").glob("hierarchy_cascade-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     templates = {n for n in names if n.startswith("hierarchy/commands/templates/new_stage/")}
     assert {t.rsplit("/", 1)[-1] for t in templates} == {

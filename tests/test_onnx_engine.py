@@ -41,7 +41,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def make_exported(root: Path) -> Path:
     """A 1-step run dir (temperature, threshold, knn OOD) exported with `hierarchy export`."""
-    from stages.skin_vs_nonskin.plugin import SkinVsNonskin
+    from hierarchy.stages.skin_vs_nonskin.plugin import SkinVsNonskin
 
     from hierarchy.data.synth import make_image_folder
 
@@ -185,7 +185,7 @@ def test_onnx_engine_matches_torch_labels(exported: Path, images: list[Path], tm
 
 
 def test_onnx_engine_matches_torch_through_the_api(exported: Path, images: list[Path]) -> None:
-    from stages.skin_vs_nonskin.plugin import SkinVsNonskin
+    from hierarchy.stages.skin_vs_nonskin.plugin import SkinVsNonskin
 
     from hierarchy.data.decode import decode_arrays
     from hierarchy.engine.pipeline import parse_pipeline
@@ -269,7 +269,7 @@ def test_stale_missing_or_replaced_exports_are_refused(exported: Path, images: l
 
 
 def test_missing_onnxruntime_says_how_to_install(exported: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from stages.skin_vs_nonskin.plugin import SkinVsNonskin
+    from hierarchy.stages.skin_vs_nonskin.plugin import SkinVsNonskin
 
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` raises ImportError
     with pytest.raises(EngineError, match=r"pip install 'hierarchy\[onnx\]'"):
@@ -277,7 +277,7 @@ def test_missing_onnxruntime_says_how_to_install(exported: Path, monkeypatch: py
 
 
 def test_onnx_engine_device_and_precision(exported: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from stages.skin_vs_nonskin.plugin import SkinVsNonskin
+    from hierarchy.stages.skin_vs_nonskin.plugin import SkinVsNonskin
 
     with pytest.raises(EngineError, match="not supported by --engine onnx"):
         load_predictor(SkinVsNonskin(), exported, device="mps", engine="onnx")

@@ -312,7 +312,7 @@ def trained_gate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, 
     Generated HAM10000 vs COCO scenes are not used here: their "non-skin" is an open class of random
     scenes, and a 32 px model trained from scratch separates grey textures from it unreliably
     (AUROC 0.68-0.94 over seeds, docs/ood.md), which would make this test flaky."""
-    from registry import get_stage
+    from hierarchy.registry import get_stage
 
     from hierarchy.config.load import load_stage_config
     from hierarchy.data.synth import make_image_folder

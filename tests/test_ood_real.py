@@ -62,7 +62,7 @@ def _save(img: Any, path: Path) -> Path:
 def gate(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Trained once per module; checks ../shared/data itself (``real_data`` is function-scoped)."""
     from conftest import SHARED_DATA
-    from registry import get_stage
+    from hierarchy.registry import get_stage
 
     from hierarchy.config.load import load_stage_config
 

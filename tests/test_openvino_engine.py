@@ -44,7 +44,7 @@ def test_openvino_precision_follows_the_cpu(caplog: pytest.LogCaptureFixture) ->
 
 
 def test_openvino_engine_agrees_with_torch_in_its_own_precision(exported: Path, images: list[Path]) -> None:
-    from stages.skin_vs_nonskin.plugin import SkinVsNonskin
+    from hierarchy.stages.skin_vs_nonskin.plugin import SkinVsNonskin
 
     from hierarchy.data.decode import decode_arrays
 
@@ -60,7 +60,7 @@ def test_openvino_engine_agrees_with_torch_in_its_own_precision(exported: Path, 
 
 
 def test_openvino_engine_failures_are_typed(exported: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from stages.skin_vs_nonskin.plugin import SkinVsNonskin
+    from hierarchy.stages.skin_vs_nonskin.plugin import SkinVsNonskin
 
     with pytest.raises(EngineError, match="not supported by --engine openvino"):
         load_predictor(SkinVsNonskin(), exported, device="cuda", engine="openvino")

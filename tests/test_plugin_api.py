@@ -26,7 +26,7 @@ def test_incompatible_api_is_refused_with_a_clear_error(no_autoload, tmp_path):
     from hierarchy.core.errors import ConfigError, UnknownStageError
     from hierarchy.engine.pipeline import load_pipeline
     from hierarchy.config.stage import PLUGIN_API_VERSION
-    from registry import get_registry, get_stage, register_plugin
+    from hierarchy.registry import get_registry, get_stage, register_plugin
 
     register_plugin(plugin_module(PLUGIN_API_VERSION + 1), name="wounds")
     [failure] = get_registry().failures
@@ -43,7 +43,7 @@ def test_incompatible_api_is_refused_with_a_clear_error(no_autoload, tmp_path):
 
 @pytest.mark.parametrize("api", ["1", 1.5, 0])
 def test_only_the_exact_version_is_accepted(no_autoload, api):
-    from registry import get_registry, register_plugin
+    from hierarchy.registry import get_registry, register_plugin
 
     register_plugin(plugin_module(api), name="wounds")
     assert [f.phase for f in get_registry().failures] == ["api"]
@@ -52,7 +52,7 @@ def test_only_the_exact_version_is_accepted(no_autoload, api):
 @pytest.mark.parametrize("api", [None, "current"])
 def test_current_or_undeclared_version_registers(no_autoload, api):
     from hierarchy.config.stage import PLUGIN_API_VERSION
-    from registry import get_registry, get_stage, register_plugin
+    from hierarchy.registry import get_registry, get_stage, register_plugin
 
     register_plugin(plugin_module(PLUGIN_API_VERSION if api else None), name="wounds")
     assert get_registry().failures == [] and get_stage("fake_blue").name == "fake_blue"
@@ -83,7 +83,7 @@ def test_stage_overriding_removed_hooks_is_a_named_failure(no_autoload):
     """Plugin API 1 stages could override build_dataset/train; the engine no longer calls them, so an
     override is refused loudly instead of being silently ignored."""
     from hierarchy import Stage
-    from registry import get_registry, register_plugin
+    from hierarchy.registry import get_registry, register_plugin
 
     class OldStyle(Stage):
         name = "old_style"
@@ -94,7 +94,7 @@ def test_stage_overriding_removed_hooks_is_a_named_failure(no_autoload):
 
     module = types.ModuleType("old_plugin")
     module.register_stages = lambda register: register(OldStyle)
-    module.register_stages = __import__("registry").hookimpl(module.register_stages)
+    module.register_stages = __import__("hierarchy.registry", fromlist=["hookimpl"]).hookimpl(module.register_stages)
     register_plugin(module, name="old")
     [failure] = get_registry().failures
     assert failure.phase == "register" and "old_style" not in get_registry().stages

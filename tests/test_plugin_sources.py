@@ -67,7 +67,7 @@ def sources_plugin(*classes: object) -> object:
 
 @pytest.fixture
 def pets(no_autoload):
-    from registry import get_registry, register_plugin
+    from hierarchy.registry import get_registry, register_plugin
 
     register_plugin(PetsPlugin(), name="pets")
     assert get_registry().failures == []
@@ -137,7 +137,7 @@ def test_source_fields_are_checked_by_their_own_model(pets, tmp_path, capsys):
 
 def test_reset_forgets_plugin_source_types(pets):
     from hierarchy.data.sources import source_types
-    from registry import reset_registry
+    from hierarchy.registry import reset_registry
 
     assert "csvlist" in source_types()
     reset_registry()
@@ -169,7 +169,7 @@ class Coco2(ListSource):
 ])
 def test_a_broken_source_registration_is_a_named_failure(no_autoload, cls, phase, message):
     from hierarchy.data.sources import CocoSource, source_types
-    from registry import get_registry, register_plugin
+    from hierarchy.registry import get_registry, register_plugin
 
     register_plugin(sources_plugin(cls), name="broken")
     [failure] = get_registry().failures
@@ -179,7 +179,7 @@ def test_a_broken_source_registration_is_a_named_failure(no_autoload, cls, phase
 
 def test_a_source_type_two_plugins_register_is_used_by_neither(no_autoload):
     from hierarchy.data.sources import source_types
-    from registry import get_registry, register_plugin
+    from hierarchy.registry import get_registry, register_plugin
 
     class OtherList(ListSource):
         pass
@@ -194,7 +194,7 @@ def test_a_source_type_two_plugins_register_is_used_by_neither(no_autoload):
 
 def test_a_stage_whose_source_type_is_not_registered_is_refused(no_autoload):
     from hierarchy.core.errors import UnknownStageError
-    from registry import get_registry, get_stage, register_plugin
+    from hierarchy.registry import get_registry, get_stage, register_plugin
 
     class StagesOnly:
         @hookimpl
@@ -302,7 +302,7 @@ def test_a_derived_config_pickles_and_round_trips_through_yaml_text(tmp_path):
     import yaml
 
     from hierarchy.config.load import dump_stage_config, load_stage_config
-    from stages.skin_vs_nonskin.plugin import SkinVsNonskin
+    from hierarchy.stages.skin_vs_nonskin.plugin import SkinVsNonskin
 
     config = SkinVsNonskin.Config(train={"epochs": 2})
     assert SkinVsNonskin.Config.__qualname__ == "SkinVsNonskin.Config"
@@ -336,7 +336,7 @@ def test_a_config_subclass_with_sources_keeps_its_fields():
 def test_import_hierarchy_is_lazy_and_exposes_the_plugin_api():
     code = ("import sys, hierarchy; loaded = sorted(m for m in sys.modules if m.split('.')[0] in "
             "('hierarchy', 'registry', 'pydantic', 'pluggy', 'numpy')); print(loaded); "
-            "from hierarchy import *; import hierarchy.stage as old; from registry import hookimpl as h; "
+            "from hierarchy import *; import hierarchy.stage as old; from hierarchy.registry import hookimpl as h; "
             "print(Stage is old.Stage, hookimpl is h, 'Stage' in dir(hierarchy))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert proc.stdout.splitlines() == ["['hierarchy']", "True True True"]

@@ -10,21 +10,21 @@ from plugin_dist import COLOR_PLUGIN, hierarchy_cli, install_dist
 BROKEN = {
     "bad_import": "raise ImportError('this plugin is broken on purpose')\n",
     "bad_hook": """
-        from registry import hookimpl
+        from hierarchy.registry import hookimpl
 
         @hookimpl
         def register_stages(register):
             raise RuntimeError('hook exploded')
         """,
     "bad_stage": """
-        from registry import hookimpl
+        from hierarchy.registry import hookimpl
 
         @hookimpl
         def register_stages(register):
             register(object)
         """,
     "future_api": """
-        from registry import hookimpl
+        from hierarchy.registry import hookimpl
         HIERARCHY_PLUGIN_API = 99
 
         @hookimpl
@@ -65,7 +65,7 @@ def test_installed_plugin_appears_in_stages(good_site):
     assert by_name["plug_color"]["dist"] == "hierarchy-plugcolor"
     assert by_name["plug_color"]["version"] == "1.2.3"
     assert by_name["plug_color"]["module"] == "plugcolor.plugin"
-    assert by_name["skin_vs_nonskin"]["dist"] == "hierarchy"
+    assert by_name["skin_vs_nonskin"]["dist"] == "hierarchy-cascade"
 
 
 def test_installed_plugin_runs_end_to_end(good_site, tmp_path):
@@ -119,7 +119,7 @@ def test_disable_autoload_env(good_site):
 def test_load_plugins_is_idempotent(no_autoload):
     from fakes import FakePlugin
 
-    from registry import get_registry, load_plugins, register_plugin
+    from hierarchy.registry import get_registry, load_plugins, register_plugin
 
     register_plugin(FakePlugin(), name="fakes")
     first = dict(load_plugins().stages)
@@ -129,7 +129,7 @@ def test_load_plugins_is_idempotent(no_autoload):
 
 def test_unknown_stage_message_lists_known(fake_stages):
     from hierarchy.core.errors import UnknownStageError
-    from registry import get_stage
+    from hierarchy.registry import get_stage
 
     with pytest.raises(UnknownStageError, match=r"Unknown stage 'x'; known: fake_blue \(from package fakes\)"):
         get_stage("x")

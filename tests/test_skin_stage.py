@@ -117,7 +117,7 @@ def test_predictor_refuses_checkpoint_of_other_stage(run_dir, tmp_path):
 
 def test_config_file_mirrors_defaults():
     from hierarchy.config.load import load_stage_config
-    from registry import get_stage
+    from hierarchy.registry import get_stage
 
     cls = get_stage("skin_vs_nonskin")
     repo = Path(__file__).resolve().parents[1]

@@ -62,7 +62,7 @@ def generate(data: Path, size: DemoSize) -> tuple[Path, Path, Path]:
 
 
 def run_demo(out: Path, size: DemoSize = FULL, device: str = "auto") -> int:
-    from registry import get_stage
+    from hierarchy.registry import get_stage
 
     from hierarchy.commands.cli import main as cli_main
     from hierarchy.config.load import load_stage_config

@@ -57,7 +57,7 @@ class StageSpec:
         return {"name": self.name, "dist": self.dist, "package": self.package, "cls": self.class_name,
                 "labels": "(" + ", ".join(f'"{lab}"' for lab in self.labels) + ")",
                 "label_list": ", ".join(self.labels), "api": str(PLUGIN_API_VERSION),
-                "hierarchy_version": _release(__version__),
+                "requirement": plugin_requirement(__version__),
                 "tree": "\n".join(f"  {label}/    *.jpg, *.png, ..." for label in self.labels)}
 
 
@@ -159,7 +159,8 @@ def _umask() -> int:
     return mask
 
 
-def _release(version: str) -> str:
-    """``0.1.0.dev3`` -> ``0.1``: the lowest hierarchy a generated plugin asks for."""
-    nums = re.findall(r"\d+", version)[:2]
-    return ".".join(nums) if nums else "0"
+def plugin_requirement(version: str) -> str:
+    """``0.2.0.dev3`` -> ``hierarchy-cascade>=0.2,<0.3``: the one way a plugin depends on this project
+    (its minor release line: the plugin API may change between minor releases before 1.0)."""
+    major, minor = (int(n) for n in (re.findall(r"\d+", version) + ["0", "0"])[:2])
+    return f"hierarchy-cascade>={major}.{minor},<{major}.{minor + 1}"

@@ -25,7 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from registry import get_stage
+    from hierarchy.registry import get_stage
 
     from hierarchy.config.load import load_stage_config, parse_source_roots
     from hierarchy.data.builder import build_dataset

@@ -12,7 +12,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        "to ONNX: input = normalised float32 (N, 3, S, S), outputs logits and features, dynamic batch. "
                        "ONNX Runtime's outputs are checked against torch's before the file is written (atomically), "
                        "and metadata.json records the export with the SHA-256 of the file and of its weights. "
-                       "Needs torch and the onnx extra (pip install 'hierarchy[onnx]'). See docs/performance.md.")
+                       "Needs torch and the onnx extra (pip install 'hierarchy-cascade[onnx]'). See docs/performance.md.")
     p.add_argument("target", metavar="RUN_DIR_OR_PIPELINE",
                    help="training run directory (or its .safetensors / metadata.json), or a pipeline YAML")
     p.add_argument("--out", metavar="PATH", help="output file (default: beside the weights, best.onnx); run only")

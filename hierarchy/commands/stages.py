@@ -14,7 +14,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from registry import get_registry
+    from hierarchy.registry import get_registry
 
     reg = get_registry()
     rows = [{**entry.cls.info(), "dist": entry.plugin.dist, "version": entry.plugin.version,

@@ -67,7 +67,7 @@ def threshold_target(text: str) -> object:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from registry import get_stage
+    from hierarchy.registry import get_stage
 
     from hierarchy.config.load import load_stage_config
     from hierarchy.train.trainer import train_stage

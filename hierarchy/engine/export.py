@@ -182,7 +182,7 @@ def _export_graph(module: "nn.Module", example: "torch.Tensor", tmp: Path, opset
         except Exception as e:  # noqa: BLE001 - exporters raise many types; the next one may work
             log.info("the %s ONNX exporter failed (%s: %s)", name, type(e).__name__, e)
             failures.append(f"{name}: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
-    hint = " (is the 'onnx' package installed? pip install 'hierarchy[onnx]')" \
+    hint = " (is the 'onnx' package installed? pip install 'hierarchy-cascade[onnx]')" \
         if any("onnx" in f and "not installed" in f for f in failures) else ""
     raise ExportError(out_path, "torch.onnx.export failed: " + "; ".join(failures) + hint)
 
@@ -192,7 +192,7 @@ def _check_model(tmp: Path, out_path: Path) -> None:
         import onnx
     except ImportError as e:
         raise ExportError(out_path, f"the 'onnx' package is needed to export ({e}); "
-                          "install it with: pip install 'hierarchy[onnx]'") from e
+                          "install it with: pip install 'hierarchy-cascade[onnx]'") from e
     try:
         onnx.checker.check_model(str(tmp))
     except onnx.checker.ValidationError as e:

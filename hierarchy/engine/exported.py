@@ -45,7 +45,7 @@ def import_runtime(module: str, engine: str, extra: str) -> Any:
         return importlib.import_module(module)
     except ImportError as e:
         raise EngineError(f"--engine {engine} needs {module}, which is not installed ({e}); "
-                          f"install it with: pip install 'hierarchy[{extra}]'") from e
+                          f"install it with: pip install 'hierarchy-cascade[{extra}]'") from e
 
 
 def runtime_installed(module: str) -> bool:

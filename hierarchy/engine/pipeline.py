@@ -119,7 +119,7 @@ def static_errors(pipe: Pipeline, lines: dict[Loc, int] | None = None, *, check_
     for sid, node in pipe.stages.items():
         errors += _node_errors(sid, node, pipe, lines, check_stages)
     if check_stages and any("Unknown stage" in e for e in errors):
-        from registry import get_registry
+        from hierarchy.registry import get_registry
 
         errors += [f"(plugins) {f}" for f in get_registry().failures]
     cycle = find_cycle(pipe)
@@ -144,7 +144,7 @@ def _node_errors(sid: str, node: StageNode, pipe: Pipeline, lines: dict[Loc, int
                                     f"(stages: {', '.join(pipe.stages)}; or '{STOP}')", lines))
     if not check_stages:
         return errors
-    from registry import get_registry
+    from hierarchy.registry import get_registry
 
     from hierarchy.core.errors import HierarchyError, UnknownStageError
 

@@ -54,7 +54,7 @@ class Router:
         """Load every stage's predictor (on ``engine``; ``auto`` picks per stage, see
         :func:`hierarchy.engine.backends.choose_engine`) and resolve ``auto`` thresholds from
         checkpoint metadata."""
-        from registry import get_stage
+        from hierarchy.registry import get_stage
 
         if engine != AUTO:
             get_engine(engine)  # an unknown name fails before any stage loads

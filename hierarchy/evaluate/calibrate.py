@@ -85,7 +85,7 @@ def calibrate_run(run_dir: Path, data: Path, *, split: str | None = None, target
                   engine: str = "auto", batch_size: int = 32, workers: int | None = None,
                   progress: bool = True) -> dict[str, Any]:
     """Refit temperature and threshold of the run on ``data``; update metadata.json; return a summary."""
-    from registry import get_stage
+    from hierarchy.registry import get_stage
 
     from hierarchy.engine.router import load_stage_predictor
     from hierarchy.evaluate.runner import select_samples

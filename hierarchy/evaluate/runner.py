@@ -148,7 +148,7 @@ class Hierarchy:
 
 def stage_labels(pipe: Pipeline) -> dict[str, tuple[str, ...]]:
     """Labels of every reachable stage, from the registered stage classes (no weights needed)."""
-    from registry import get_stage
+    from hierarchy.registry import get_stage
 
     return {sid: tuple(get_stage(pipe.stages[sid].stage).labels) for sid in pipe.depth_order()}
 

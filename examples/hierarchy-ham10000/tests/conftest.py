@@ -11,7 +11,7 @@ import pytest
 def ham_stages(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """A registry holding only this distribution's stages, whatever else is installed."""
     from hierarchy_ham10000 import benign_vs_malignant, lesion_type
-    from registry import register_plugin, reset_registry
+    from hierarchy.registry import register_plugin, reset_registry
 
     monkeypatch.setenv("HIERARCHY_DISABLE_PLUGIN_AUTOLOAD", "1")
     monkeypatch.delenv("HIERARCHY_PLUGINS", raising=False)

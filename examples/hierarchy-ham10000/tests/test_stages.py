@@ -25,7 +25,7 @@ def read_dx(ham_root: Path) -> dict[str, str]:
 
 
 def test_stages_register_cleanly(ham_stages):
-    from registry import get_registry, get_stage
+    from hierarchy.registry import get_registry, get_stage
 
     for name, labels in EXPECTED.items():
         assert get_stage(name).labels == labels
@@ -43,7 +43,7 @@ def test_benign_malignant_map_covers_every_dx_once():
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_dataset_labels_follow_dx_and_lesions_stay_in_one_split(ham_stages, ham_root, tmp_path, name):
     from hierarchy_ham10000.benign_vs_malignant import LABEL_MAP
-    from registry import get_stage
+    from hierarchy.registry import get_stage
 
     from hierarchy.data.builder import build_dataset
 

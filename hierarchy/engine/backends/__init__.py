@@ -84,7 +84,7 @@ def unmet_need(spec: EngineSpec, ckpt: "Checkpoint", device: str, precision: str
     if precision != AUTO and precision not in spec.precisions:
         return f"it cannot compute in {precision} (serves {', '.join(spec.precisions)})"
     if spec.runtime and not runtime_installed(spec.runtime):
-        return f"{spec.runtime} is not installed (pip install 'hierarchy[{spec.extra}]')"
+        return f"{spec.runtime} is not installed (pip install 'hierarchy-cascade[{spec.extra}]')"
     return export_problem(ckpt) if spec.exported else None
 
 
