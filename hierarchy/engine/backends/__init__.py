@@ -93,13 +93,13 @@ def choose_engine(requested: str, ckpt: "Checkpoint", device: str, precision: st
     :data:`AUTO_ORDER` whose needs are met, else torch (the reason lists what each lacked)."""
     if requested != AUTO:
         return get_engine(requested), "requested"
-    skipped = []
+    skipped: dict[str, list[str]] = {}  # problem -> engines it rules out (one line for a shared cause)
     for name in AUTO_ORDER:
         problem = unmet_need(ENGINES[name], ckpt, device, precision) if name in ENGINES else "not registered"
         if problem is None:
             return ENGINES[name], f"auto: {ENGINES[name].runtime} installed and {ckpt.weights.stem}.onnx up to date"
-        skipped.append(f"not {name}: {problem}")
-    return ENGINES["torch"], "auto: " + "; ".join(skipped)
+        skipped.setdefault(problem, []).append(name)
+    return ENGINES["torch"], "auto: " + "; ".join(f"not {', '.join(names)}: {p}" for p, names in skipped.items())
 
 
 def _gpu_present() -> bool:
