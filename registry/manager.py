@@ -24,9 +24,11 @@ from . import hookspecs
 if TYPE_CHECKING:
     from hierarchy.config.stage import Stage
     from hierarchy.data.sources import Source
+    from hierarchy.models.weights import WeightsProvider
 
 ENTRY_POINT_GROUP = "hierarchy.stages"
-HOOKS = ("register_sources", "register_stages")  # in this order: stages may use any plugin's sources
+# in this order: stages may use any plugin's sources
+HOOKS = ("register_sources", "register_weights", "register_stages")
 DISABLE_AUTOLOAD_ENV = "HIERARCHY_DISABLE_PLUGIN_AUTOLOAD"
 PLUGINS_ENV = "HIERARCHY_PLUGINS"
 API_ATTRIBUTE = "HIERARCHY_PLUGIN_API"
@@ -73,6 +75,12 @@ class SourceEntry:
     plugin: PluginInfo
 
 
+@dataclass(frozen=True)
+class WeightsProviderEntry:
+    provider: "WeightsProvider"
+    plugin: PluginInfo
+
+
 @dataclass
 class Registry:
     """Stages and source types registered by plugins. Use :func:`get_registry` for the
@@ -81,6 +89,7 @@ class Registry:
     pm: pluggy.PluginManager = field(default_factory=lambda: _new_plugin_manager())
     stages: dict[str, StageEntry] = field(default_factory=dict)
     sources: dict[str, SourceEntry] = field(default_factory=dict)
+    weights: dict[str, WeightsProviderEntry] = field(default_factory=dict)  # provider name -> entry
     failures: list[PluginFailure] = field(default_factory=list)
     _conflicts: dict[str, list[PluginInfo]] = field(default_factory=dict)  # stage name -> its plugins
     _source_conflicts: dict[str, list[PluginInfo]] = field(default_factory=dict)
@@ -133,7 +142,8 @@ class Registry:
 
     def _collect(self, plugins: list[tuple[object, PluginInfo]]) -> None:
         """Call every plugin's ``register_sources``, then every plugin's ``register_stages``."""
-        adders = {"register_sources": self._add_source, "register_stages": self._add_stage}
+        adders = {"register_sources": self._add_source, "register_weights": self._add_weights,
+                  "register_stages": self._add_stage}
         for hook in HOOKS:
             impls = getattr(self.pm.hook, hook).get_hookimpls()
             for plugin, info in plugins:
@@ -196,6 +206,27 @@ class Registry:
             self.failures.append(PluginFailure(info, "conflict", f"{exc}; choose another type name"))
             return
         self.sources[name] = SourceEntry(cls, info)
+
+    def _add_weights(self, provider: "WeightsProvider", info: PluginInfo) -> None:
+        from .weights import provider_problem
+
+        problem = provider_problem(provider)
+        held = self.weights.get(getattr(provider, "name", ""))
+        if problem is None and held is not None:
+            problem = f"weights provider '{provider.name}' is already registered by {held.plugin}"
+        if problem:
+            self.failures.append(PluginFailure(info, "conflict" if held else "register", problem))
+            return
+        self.weights[provider.name] = WeightsProviderEntry(provider, info)
+
+    def weights_providers(self) -> "list[WeightsProvider]":
+        """Every registered weights provider, the built-in ones (always registered) first."""
+        from . import weights
+
+        if not self.pm.has_plugin(weights.BUILTIN):
+            self.register_plugin(weights, info=PluginInfo(weights.BUILTIN, module=weights.__name__))
+        entries = sorted(self.weights.values(), key=lambda e: e.plugin.name != weights.BUILTIN)
+        return [e.provider for e in entries]
 
     def forget_sources(self) -> None:
         """Take this registry's source types out of the data layer's table."""
@@ -328,4 +359,4 @@ def reset_registry() -> None:
 
 
 __all__: list[str] = ["Registry", "get_registry", "load_plugins", "register_plugin", "get_stage",
-                      "reset_registry", "PluginInfo", "PluginFailure", "SourceEntry", "StageEntry"]
+                      "reset_registry", "PluginInfo", "PluginFailure", "SourceEntry", "StageEntry", "WeightsProviderEntry"]

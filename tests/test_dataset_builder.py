@@ -71,7 +71,7 @@ def test_skin_vs_nonskin_no_lesion_crosses_splits(src: Path, tmp_path: Path) -> 
     assert all(info["counts"]["by_split"]["val"][lab] > 0 for lab in LABELS)
     assert info["train_class_counts"] == info["counts"]["by_split"]["train"]
     lines = (tmp_path / "out" / "manifest.csv").read_text().splitlines()
-    assert lines[0] == "path,label,split,source,group"
+    assert lines[0] == "path,label,split,source,group,sex,age,localization,dx_type"  # + ham10000 metadata
     assert all(line.startswith("../src/") for line in lines[1:])  # relative to out: movable together
 
 

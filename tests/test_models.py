@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from hierarchy.models import backbones as models
+from hierarchy.models.weights import fetch
 from hierarchy.models.checkpoint import save_weights
 from hierarchy.core.errors import CheckpointError, PretrainedWeightsError, UnknownBackboneError
 from hierarchy.models.backbones import (
@@ -29,7 +30,7 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(url: str, timeout: float = 0) -> bool:
         raise AssertionError(f"unexpected network probe for {url}")
 
-    monkeypatch.setattr(models, "_probe", refuse)
+    monkeypatch.setattr(fetch, "probe", refuse)
 
 
 def _backbone_equal(a: torch.nn.Module, b: torch.nn.Module, head: str) -> bool:
@@ -86,7 +87,7 @@ def test_model_from_arch_round_trip() -> None:
 
 def test_imagenet_offline_names_cache_file_and_alternatives(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    if models._probe("https://download.pytorch.org/models/"):
+    if fetch.probe("https://download.pytorch.org/models/"):
         pytest.skip("network reachable: this test is about the offline path")
     start = time.monotonic()
     with pytest.raises(PretrainedWeightsError) as info:
@@ -100,7 +101,7 @@ def test_imagenet_offline_names_cache_file_and_alternatives(tmp_path: Path, monk
 
 def test_imagenet_unreachable_timm_names_hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
-    monkeypatch.setattr(models, "_probe", lambda url, timeout=0: False)  # simulate no network, even online
+    monkeypatch.setattr(fetch, "probe", lambda url, timeout=0: False)  # simulate no network, even online
     with pytest.raises(PretrainedWeightsError) as info:
         create_model("timm/resnet10t", 2, pretrained="imagenet")
     msg = str(info.value)

@@ -272,7 +272,7 @@ def test_missing_onnxruntime_says_how_to_install(exported: Path, monkeypatch: py
     from hierarchy.stages.skin_vs_nonskin.plugin import SkinVsNonskin
 
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` raises ImportError
-    with pytest.raises(EngineError, match=r"pip install 'hierarchy\[onnx\]'"):
+    with pytest.raises(EngineError, match=r"pip install 'hierarchy-cascade\[onnx\]'"):
         load_predictor(SkinVsNonskin(), exported, engine="onnx")
 
 

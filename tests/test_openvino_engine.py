@@ -65,5 +65,5 @@ def test_openvino_engine_failures_are_typed(exported: Path, monkeypatch: pytest.
     with pytest.raises(EngineError, match="not supported by --engine openvino"):
         load_predictor(SkinVsNonskin(), exported, device="cuda", engine="openvino")
     monkeypatch.setitem(sys.modules, "openvino", None)  # `import openvino` raises ImportError
-    with pytest.raises(EngineError, match=r"pip install 'hierarchy\[openvino\]'"):
+    with pytest.raises(EngineError, match=r"pip install 'hierarchy-cascade\[openvino\]'"):
         load_predictor(SkinVsNonskin(), exported, engine="openvino")

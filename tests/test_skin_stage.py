@@ -85,10 +85,10 @@ def test_second_run_gets_new_directory(dataset, run_dir):
 
 
 def test_offline_imagenet_pretrained_names_file_and_alternatives(dataset, tmp_path, monkeypatch, capsys):
-    import hierarchy.models.backbones as models
+    from hierarchy.models.weights import fetch
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
-    monkeypatch.setattr(models, "_probe", lambda *a, **k: False, raising=False)  # simulate no network
+    monkeypatch.setattr(fetch, "probe", lambda *a, **k: False)  # simulate no network
     code = main(["train", "skin_vs_nonskin", "--data", str(dataset), "--epochs", "1", "--out", str(tmp_path),
                  "--pretrained", "imagenet", "--img-size", "32", "--max-steps", "1"])
     err = capsys.readouterr().err

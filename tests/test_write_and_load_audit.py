@@ -27,6 +27,8 @@ LOADERS = {"load", "load_state_dict_from_url", "load_url"}  # torch.load, torch.
 ALLOWED = {
     ("hierarchy/commands/_scaffold.py", "write_package"): "writes into a private mkdtemp() directory that is then "
                                                 "renamed into place as a whole",
+    ("hierarchy/engine/bundle.py", "_extract"): "writes into the fresh private temporary directory a bundle is "
+                                                "opened in; every member is hash-checked before anything loads",
 }
 
 

@@ -24,6 +24,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     target.add_argument("--target-coverage", type=float, metavar="C", help="share of items accepted")
     target.add_argument("--max-risk", type=float, metavar="R", help="error rate among accepted items")
     p.add_argument("--label", metavar="L", help="the label --target-precision is about")
+    p.add_argument("--target-recall", action="append", default=[], metavar="LABEL=R",
+                   help="also tune a decision threshold for LABEL (the highest p(LABEL) from which it wins ahead "
+                   "of argmax) reaching recall R on DATA; repeatable; stored for `decide: auto` in a pipeline")
     p.add_argument("--no-temperature", dest="temperature", action="store_false",
                    help="keep the stored temperature; only tune the threshold")
     p.add_argument("--format", choices=("table", "json"), default="table")
@@ -54,7 +57,6 @@ def run(args: argparse.Namespace) -> int:
 
     summary = calibrate_run(Path(args.run_dir), Path(args.data), split=args.split, target=target_from_args(args),
                             refit_temperature=args.temperature, device=args.device, precision=args.precision,
-                            engine=args.engine,
-                            batch_size=args.batch_size)
+                            engine=args.engine, batch_size=args.batch_size, target_recall=args.target_recall)
     print(json.dumps(summary, indent=2) if args.format == "json" else render(summary))
     return 0

@@ -17,7 +17,7 @@ from hierarchy.core.errors import ConfigError, HierarchyError
 from hierarchy.core.perf import tune_for_command
 
 COMMANDS = ("run", "validate", "stages", "build_dataset", "train", "evaluate", "calibrate", "export", "demo",
-            "new_stage")
+            "new_stage", "card", "bundle", "weights", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # `train --nproc-per-node` relaunches it
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 2

@@ -26,6 +26,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_inference_options(p)
     p.add_argument("--ood", metavar="DIR", help="folder of known out-of-distribution images: report AUROC, FPR at "
                    "95%% TPR and share rejected per stage, score histograms, risk-coverage with them (docs/ood.md)")
+    p.add_argument("--by", action="append", default=[], metavar="COL[,COL...]",
+                   help="per-subgroup results of every stage and end to end, with bootstrap 95%% intervals, for "
+                   "each metadata column of DATA (a CSV column or a builder manifest's, e.g. sex, localization); "
+                   "bucket a numeric one: age:0-30,30-60,60- ; repeatable")
+    p.add_argument("--n-resamples", type=int, default=1000, metavar="N", help="bootstrap resamples (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     p.set_defaults(func=run)
 
 
@@ -40,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
     pipe = load_pipeline(args.pipeline)
     ev = evaluate(pipe, Path(args.data), split=args.split, batch_size=args.batch_size, device=args.device,
                   precision=args.precision, engine=args.engine, workers=args.workers,
-                  ood=Path(args.ood) if args.ood else None)
+                  ood=Path(args.ood) if args.ood else None, by=args.by, n_resamples=args.n_resamples,
+                  seed=args.seed)
     ev.report["pipeline"]["file"] = str(args.pipeline)
     out = write_evaluation(ev, Path(args.out) if args.out else Path("runs") / "evaluate" / safe_name(pipe.name))
     if args.format == "json":

@@ -2,9 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
+from pathlib import Path
+from typing import Iterator
 
 from hierarchy.commands import add_inference_options
+from hierarchy.core.errors import ConfigError
+from hierarchy.commands._explain import add_explain_options, with_explanations
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -12,30 +17,73 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Route every input through the pipeline. INPUT is any mix of files, "
                        "directories (recursive, image extensions) and globs. Exit 0 when every item got a "
                        "record without error (abstentions count as ok), 3 when some items errored, 2 on a "
-                       "usage or config error.")
+                       "usage or config error, 4 when -o FILE cannot be written (docs/scaling.md).")
     p.add_argument("pipeline", help="pipeline YAML file")
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, directories or globs")
+    p.add_argument("inputs", nargs="*", metavar="INPUT", help="image files, directories or globs")
     p.add_argument("--format", choices=("table", "json", "jsonl", "csv"), default="table")
-    p.add_argument("-o", "--output", metavar="FILE", help="write results here (atomically) instead of stdout")
+    p.add_argument("-o", "--output", metavar="FILE", help="write results here instead of stdout: jsonl is appended "
+                   "record by record (flushed), table/json/csv are written atomically at the end")
+    p.add_argument("--resume", action="store_true", help="with --format jsonl -o FILE: skip inputs FILE already "
+                   "has a record for and append the rest (a torn last line is redone)")
+    p.add_argument("--files-from", metavar="FILE", help="also read input paths from FILE, one per line (- = stdin)")
+    p.add_argument("-0", "--null", action="store_true", help="--files-from entries are NUL-separated (find -print0)")
+    p.add_argument("--shard", type=shard_arg, metavar="K/N", help="take only shard K of N (1 <= K <= N): a stable "
+                   "split by path, so N machines or array tasks cover the input once with no coordination")
+    p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS", help="run on Ray Data (pip install "
+                   "'hierarchy-cascade[ray]'): a cluster ADDRESS (ray://host:10001, auto), or a local cluster")
     add_inference_options(p)
+    add_explain_options(p, directory=True)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from hierarchy.data.inputs import expand_inputs
-    from hierarchy.engine.output import open_output, write_records
+    from hierarchy.engine.output import check_output, recorded_paths, write_stream
     from hierarchy.engine.pipeline import load_pipeline
-    from hierarchy.engine.router import Router
 
+    if not args.inputs and not args.files_from:
+        raise ConfigError("hierarchy run", ["INPUT: give at least one input or --files-from FILE"])
+    if args.resume and (args.format != "jsonl" or args.output in (None, "-")):
+        raise ConfigError("hierarchy run", ["--resume: needs --format jsonl -o FILE (only jsonl output streams)"])
+    check_output(args.output, args.resume)  # before any model loads or image decodes
     pipe = load_pipeline(args.pipeline)
-    router = Router.from_pipeline(pipe, device=args.device, precision=args.precision, engine=args.engine)
+    done = recorded_paths(args.output) if args.resume else set()
+    paths = _inputs(args, done)
     counts = {"ok": 0, "abstained": 0, "rejected": 0, "error": 0}
-    records = _counted(router.run(expand_inputs(args.inputs), args.batch_size, args.workers), counts)
-    with open_output(args.output) as out:
-        write_records(_progress(records), args.format, out)
+    if args.ray:
+        from hierarchy.engine.ray_run import ray_records
+
+        records = ray_records(args.pipeline, paths, args.ray, batch_size=args.batch_size, device=args.device,
+                              precision=args.precision, engine=args.engine)
+    else:
+        from hierarchy.engine.router import Router
+
+        router = Router.from_pipeline(pipe, device=args.device, precision=args.precision, engine=args.engine)
+        records = with_explanations(router.run(paths, args.batch_size, args.workers), router, args)
+    write_stream(_progress(_counted(records, counts)), args.format, args.output, append=args.resume)
     summary = ", ".join(f"{n} {k}" for k, n in counts.items() if n)
-    print(f"{sum(counts.values())} item(s): {summary or 'none'}", file=sys.stderr)
+    resumed = f" ({len(done)} already recorded)" if args.resume else ""
+    print(f"{sum(counts.values())} item(s): {summary or 'none'}{resumed}", file=sys.stderr)
     return 3 if counts["error"] else 0
+
+
+def shard_arg(text: str) -> tuple[int, int]:
+    from hierarchy.data.inputs import parse_shard
+
+    try:
+        return parse_shard(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _inputs(args: argparse.Namespace, done: set[str]) -> Iterator[Path]:
+    """INPUTs, then --files-from entries, expanded lazily; only --shard K/N of them; minus ``done``."""
+    from hierarchy.data.inputs import expand_inputs, read_path_list, select_shard
+
+    raw = itertools.chain(args.inputs, read_path_list(args.files_from, args.null) if args.files_from else ())
+    paths = expand_inputs(raw)
+    if args.shard:
+        paths = select_shard(paths, *args.shard)
+    return (p for p in paths if str(p) not in done) if done else paths
 
 
 def _counted(records, counts):

@@ -2,6 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
+
+from hierarchy.commands import positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -16,7 +21,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--img-size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--backbone", help="torchvision or timm model name (default resnet18)")
-    p.add_argument("--pretrained", metavar="imagenet|none|PATH")
+    p.add_argument("--pretrained", metavar="imagenet|TAG|none|PATH",
+                   help="a tag a weights provider offers (see `hierarchy weights`), none, or a weights file")
     p.add_argument("--device", help="auto|cpu|cuda|cuda:N|mps")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"))
     p.add_argument("--workers", help="DataLoader workers (auto or N)")
@@ -28,6 +34,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", metavar="RUN_OR_CKPT", help="continue a run from its last complete epoch")
     p.add_argument("--seed", type=int)
     p.add_argument("--patience", type=int, help="early stopping: epochs without val-loss improvement")
+    p.add_argument("--nproc-per-node", type=positive_int, metavar="N", help="train with N processes on this "
+                   "machine (DDP: one per GPU, or gloo on CPU) by launching torchrun; --batch-size is the global "
+                   "batch. Several machines: run torchrun yourself (docs/scaling.md)")
     after = p.add_argument_group("after training (docs/evaluation.md, docs/ood.md)")
     after.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=None,
                        help="fit temperature scaling on val (default on)")
@@ -65,6 +74,27 @@ def threshold_target(text: str) -> object:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.nproc_per_node and "LOCAL_RANK" not in os.environ:
+        return launch_torchrun(args.nproc_per_node, args.argv)
+    return train(args)
+
+
+def launch_torchrun(nproc: int, argv: list[str]) -> int:
+    """``torchrun --standalone --nproc-per-node N -m hierarchy <argv without --nproc-per-node>``;
+    its exit code (each rank's run of this same command, joined into one DDP job)."""
+    rest, skip = [], False
+    for arg in argv:
+        if skip or arg.startswith("--nproc-per-node"):
+            skip = arg == "--nproc-per-node" and not skip
+            continue
+        rest.append(arg)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "hierarchy", *rest]
+    print("launching: " + " ".join(cmd[1:]), file=sys.stderr)
+    return subprocess.call(cmd)
+
+
+def train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from hierarchy.registry import get_stage
@@ -87,5 +117,6 @@ def run(args: argparse.Namespace) -> int:
         config = config.model_copy(update={"train": config.train.model_copy(update={"threshold_target": None})})
     data = Path(args.data) if args.data else (None if args.resume else Path("datasets") / cls.name)
     run_dir = train_stage(cls(config), data, resume=Path(args.resume) if args.resume else None)
-    print(run_dir)
+    if os.environ.get("RANK", "0") == "0":
+        print(run_dir)
     return 0

@@ -78,3 +78,23 @@ class UnknownBackboneError(HierarchyError, ValueError):
     """A backbone name matches no torchvision or timm model."""
 
     exit_code = 2
+
+
+class BundleError(HierarchyError):
+    """A pipeline bundle (``.hbundle``) is unreadable or was tampered with. ``member`` names the zip
+    member at fault (``(all members)`` for the whole archive)."""
+
+    def __init__(self, member: str, message: str):
+        self.member = member
+        super().__init__(f"bundle member {member!r}: {message}")
+
+
+class OutputError(HierarchyError):
+    """``-o FILE`` cannot be written: a directory, a missing folder, no permission, a full disk.
+    Records streamed before the fault are kept (jsonl); an atomic format leaves no partial file."""
+
+    exit_code = 4
+
+    def __init__(self, path: object, message: str):
+        self.path = path
+        super().__init__(f"{path}: {message}")

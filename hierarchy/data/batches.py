@@ -73,7 +73,7 @@ def decode_item(path: Path, presets: Iterable["Preset"], draft: bool = True) -> 
     try:
         by_size = decode_arrays(path, [p.size for p in wanted], draft=draft)
     except ImageError as exc:
-        return Decoded(path, error=exc)
+        return Decoded(path, error=detached(exc))
     return Decoded(path, arrays={preset_key(p): by_size[p.size] for p in wanted})
 
 
@@ -106,11 +106,22 @@ def _decode_one(decode: Callable[[K], Decoded], path_of: Callable[[K], Path], ke
     try:
         return decode(key)
     except HierarchyError as exc:
-        return Decoded(path_of(key), error=exc)
+        return Decoded(path_of(key), error=detached(exc))
     except Exception as exc:  # noqa: BLE001 - one bad input must not lose its chunk
         path = path_of(key)
         log.warning("decoding %s failed: %s: %s", path, type(exc).__name__, exc)
         return Decoded(path, error=ImageError("undecodable", path, f"decode failed: {type(exc).__name__}: {exc}"))
+
+
+def detached(exc: HierarchyError) -> HierarchyError:
+    """``exc`` without its traceback (nor those of its cause/context): a traceback's frames reach,
+    through ``f_back``, the pool's work item and so the Future holding this very error, a cycle that
+    only the cyclic GC frees; a long run of failing inputs would pile them up between collections."""
+    seen: Exception | None = exc
+    while seen is not None and seen.__traceback__ is not None:
+        seen.__traceback__ = None
+        seen = seen.__cause__ or seen.__context__  # type: ignore[assignment]
+    return exc
 
 
 def default_workers() -> int:

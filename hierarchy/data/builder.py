@@ -3,7 +3,7 @@
 ``build_dataset(stage.config.dataset, out, labels=stage.labels, stage=stage.name)`` builds a stage's
 dataset; each source lists its own items (``Source.collect``). Output (all inside ``out``):
 
-* ``manifest.csv`` -- ``path,label,split,source,group``; paths relative to ``out`` where possible,
+* ``manifest.csv`` -- ``path,label,split,source,group[,metadata...]``; paths relative to ``out`` where possible,
   rows sorted, so the same inputs always give the same bytes;
 * ``dataset.json`` -- counts, balance report, problems, the resolved config and the manifest hash
   (no timestamps: a rerun with the same inputs is byte-identical);
@@ -15,6 +15,7 @@ deterministically from ``config.seed``; sources with a fixed ``split`` keep it.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -29,7 +30,7 @@ from typing import Any, Mapping, Sequence
 from hierarchy.core.errors import DatasetError
 from hierarchy.core.fsutil import atomic_write_json, atomic_write_text, atomic_write_with
 from hierarchy.data.dataset_config import DatasetConfig
-from hierarchy.data.sources import Item, Problems, Source, check_labels, dedupe, subsample, verify
+from hierarchy.data.sources import Item, Problems, Source, check_labels, dedupe, meta_columns, subsample, verify
 
 FORMAT = "hierarchy.dataset"
 FORMAT_VERSION = 1
@@ -179,11 +180,7 @@ def _assign_splits(items: list[Item], seed: int, val_fraction: float, test_fract
         n_val, n_test = split_sizes(len(keys), val_fraction, test_fraction)
         for i, key in enumerate(keys):
             split_of[key] = "test" if i < n_test else "val" if i < n_test + n_val else "train"
-    return [it if it.split else _with_split(it, split_of[(it.source, it.group)]) for it in items]
-
-
-def _with_split(it: Item, split: str) -> Item:
-    return Item(path=it.path, label=it.label, source=it.source, group=it.group, split=split)
+    return [it if it.split else dataclasses.replace(it, split=split_of[(it.source, it.group)]) for it in items]
 
 
 # --- balance --------------------------------------------------------------------------------
@@ -257,12 +254,16 @@ def _sort_key(it: Item) -> tuple:
 
 
 def manifest_text(items: Sequence[Item], out_abs: str) -> str:
-    """The manifest's CSV text: header + rows sorted by split, label, source, group, path."""
+    """The manifest's CSV text: header (+ the sources' metadata columns, blank where an item has
+    none) + rows sorted by split, label, source, group, path."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(MANIFEST_HEADER)
+    extra = [c for c in meta_columns(items) if c not in MANIFEST_HEADER]
+    writer.writerow(MANIFEST_HEADER + tuple(extra))
     for it in sorted(items, key=_sort_key):
-        writer.writerow((_relative(it.path, out_abs), it.label, it.split, it.source, it.group))
+        meta = dict(it.meta)
+        writer.writerow((_relative(it.path, out_abs), it.label, it.split, it.source, it.group,
+                         *(meta.get(c, "") for c in extra)))
     return buf.getvalue()
 
 

@@ -9,20 +9,22 @@ the dataset folder (or the folder of a manifest CSV); when it is not writable th
 resize mode, the file list with each file's size and mtime, and :data:`CACHE_VERSION`. Changing the
 manifest, the ``--img-size`` or any image file therefore selects a new file; stale ones are kept
 until removed (``rm -r <data>/.hierarchy-cache``). Both files are written atomically (temp file in
-the same folder, fsync, rename; the ``.json`` last, so it is the commit point).
+the same folder, fsync, rename; the ``.json`` last, so it is the commit point), by one process at a
+time (an ``flock`` on ``<key>.lock``); under DDP rank 0 builds and the other ranks read.
 
 The recipe's augmentation is squash-resize + horizontal flip, so caching at exactly S x S loses
 nothing: the flip is applied to the cached tensor each epoch.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from hierarchy.core.fsutil import atomic_write_json
 
@@ -92,17 +94,43 @@ def load_or_build(data: Path, samples: Sequence["Sample"], size: int, split: str
     key = cache_key(data, samples, size, split)
     npy, meta = folder / f"{key}.npy", folder / f"{key}.json"
     cached = _load(npy, meta, len(samples), size)
-    if cached is not None:
+    if cached is None:
+        with _build_lock(folder / f"{key}.lock"):  # one builder; DDP ranks or jobs arriving later wait, then read
+            cached = _load(npy, meta, len(samples), size)
+            if cached is None:
+                _build_split(data, npy, meta, key, samples, size, split, threads, progress)
+    else:
         log.info("training cache hit: %s (%d images)", npy, len(samples))
         return cached
+    loaded = cached or _load(npy, meta, len(samples), size)
+    if loaded is None:
+        raise OSError(f"the training cache {npy} could not be read back")
+    return loaded
+
+
+def _build_split(data: Path, npy: Path, meta: Path, key: str, samples: Sequence["Sample"], size: int, split: str,
+                 threads: int, progress: bool) -> None:
     log.info("building the training cache %s (%d %s images at %d px)", npy, len(samples), split, size)
     bad = _build(npy, samples, size, threads, progress)
     atomic_write_json(meta, {"version": CACHE_VERSION, "key": key, "split": split, "size": size,
                              "n": len(samples), "bad": bad, "data": str(data)})
-    loaded = _load(npy, meta, len(samples), size)
-    if loaded is None:
-        raise OSError(f"the training cache {npy} could not be read back")
-    return loaded
+
+
+@contextlib.contextmanager
+def _build_lock(path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` (advisory, released when the process dies, so a killed
+    builder never blocks the next run); a filesystem without locks builds unlocked, still atomically."""
+    try:
+        import fcntl
+
+        f = open(path, "a")
+    except (ImportError, OSError):
+        yield
+        return
+    with f:
+        with contextlib.suppress(OSError):
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield
 
 
 def _load(npy: Path, meta: Path, n: int, size: int) -> SplitCache | None:

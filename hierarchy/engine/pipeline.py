@@ -16,6 +16,11 @@ from hierarchy.core.yamlio import Loc, load_yaml, parse_yaml, pydantic_errors, w
 
 STOP = "stop"
 DEFAULT_ROUTE = "default"
+DECIDE_RULE = ("an image over its stage's OOD threshold is rejected first; then, among the labels whose "
+               "probability reaches their `decide:` threshold, the one with the highest probability wins "
+               "(equal probabilities: the label listed first in the stage's labels) and is accepted whatever "
+               "`threshold:` says; when no label reaches its threshold, the top-1 label is taken and "
+               "`threshold:` still abstains below it")
 Threshold = Union[StrictFloat, StrictInt, Literal["auto"]]
 
 
@@ -28,6 +33,9 @@ class StageNode(BaseModel):
     weights: Optional[StrictStr] = None  # checkpoint file or run directory; relative to the YAML file
     threshold: Optional[Threshold] = None  # top-1 probability below this -> abstain; auto = stored value
     ood: Union[Literal["auto", "off"], StrictFloat, StrictInt] = "auto"  # out-of-distribution reject
+    # cost-sensitive decisions: label -> probability from which that label wins ahead of argmax
+    # (auto = the thresholds `hierarchy calibrate --target-recall` stored); see DECIDE_RULE
+    decide: Union[Literal["auto"], dict[StrictStr, Union[StrictFloat, StrictInt]]] = Field(default_factory=dict)
     routes: dict[StrictStr, StrictStr] = Field(default_factory=dict)  # label (or default) -> stage id | stop
 
 
@@ -85,7 +93,12 @@ class Pipeline(BaseModel):
 
 
 def load_pipeline(path: str | os.PathLike, *, check_stages: bool = True) -> Pipeline:
-    """Read, validate and statically check a pipeline YAML file. Raises ConfigError with every problem."""
+    """Read, validate and statically check a pipeline YAML file, or a bundle (``hierarchy bundle``: its
+    hashes verified, extracted into a temporary directory). Raises ConfigError with every problem."""
+    from hierarchy.engine.bundle import is_bundle, open_bundle
+
+    if Path(path).is_file() and is_bundle(path):
+        path = open_bundle(path)
     data, lines = load_yaml(path)
     return _build(data, lines, str(path), Path(path).resolve().parent, check_stages)
 
@@ -138,6 +151,10 @@ def _node_errors(sid: str, node: StageNode, pipe: Pipeline, lines: dict[Loc, int
     loc = ("stages", sid)
     if isinstance(node.threshold, (int, float)) and not 0.0 <= node.threshold <= 1.0:
         errors.append(with_line(loc + ("threshold",), f"must be between 0 and 1 or 'auto' (got {node.threshold})", lines))
+    if isinstance(node.decide, dict):
+        for label, value in node.decide.items():
+            if not 0.0 <= value <= 1.0:
+                errors.append(with_line(loc + ("decide", label), f"must be between 0 and 1 (got {value})", lines))
     for label, target in node.routes.items():
         if target != STOP and target not in pipe.stages:
             errors.append(with_line(loc + ("routes", label), f"route target '{target}' is not a stage id "
@@ -158,6 +175,10 @@ def _node_errors(sid: str, node: StageNode, pipe: Pipeline, lines: dict[Loc, int
     for label in node.routes:
         if label != DEFAULT_ROUTE and label not in labels:
             errors.append(with_line(loc + ("routes", label), f"'{label}' is not a label of stage "
+                                    f"'{node.stage}' (labels: {', '.join(labels)})", lines))
+    for label in node.decide if isinstance(node.decide, dict) else ():
+        if label not in labels:
+            errors.append(with_line(loc + ("decide", label), f"'{label}' is not a label of stage "
                                     f"'{node.stage}' (labels: {', '.join(labels)})", lines))
     uncovered = [lab for lab in labels if lab not in node.routes]
     if uncovered and DEFAULT_ROUTE not in node.routes:

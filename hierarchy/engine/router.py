@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
@@ -18,6 +18,7 @@ from hierarchy.core.errors import ConfigError, HierarchyError
 from hierarchy.data.batches import Decoded, decode_batches, decode_item
 from hierarchy.engine.backends import AUTO, get_engine
 from hierarchy.engine.pipeline import STOP, Pipeline
+from hierarchy.metrics.decisions import decide_labels
 
 if TYPE_CHECKING:
     from hierarchy.config.stage import Predictor, Stage
@@ -33,6 +34,8 @@ class LoadedStage:
     predictor: "Predictor"
     threshold: float | None = None
     ood_threshold: float | None = None
+    decide: dict[str, float] = field(default_factory=dict)  # label -> its decision threshold
+
 
 
 def error_record(path: Path | str, err: HierarchyError) -> dict[str, Any]:
@@ -64,7 +67,7 @@ class Router:
             predictor = load_stage_predictor(sid, get_stage(node.stage)(), pipeline.weights_path(sid),
                                              device, precision, engine)
             loaded[sid] = LoadedStage(sid, node.stage, predictor, resolve_threshold(sid, node.threshold, predictor),
-                                      resolve_ood(node.ood, predictor))
+                                      resolve_ood(node.ood, predictor), resolve_decide(sid, node.decide, predictor))
         return cls(pipeline, loaded)
 
     def route(self, items: Sequence[Decoded], batch_size: int = 32) -> list[dict[str, Any]]:
@@ -98,11 +101,14 @@ class Router:
                               "error": {"type": "stage_failed", "message": str(err)}}
             return
         labels = list(st.predictor.labels)
+        chosen, forced = decide_labels(pred.probs, labels, st.decide)
         for row, i in enumerate(chunk):
             probs = [float(p) for p in pred.probs[row]]
-            top = max(range(len(probs)), key=probs.__getitem__)
+            top = int(chosen[row])
             entry = {"stage": sid, "label": labels[top], "confidence": probs[top],
                      "probs": dict(zip(labels, probs))}
+            if forced[row]:
+                entry["decide"] = st.decide[labels[top]]
             status = self._decide(st, entry, None if pred.ood is None else float(pred.ood[row]))
             traces[i].append(entry)
             if status is None:
@@ -115,12 +121,13 @@ class Router:
 
     @staticmethod
     def _decide(st: LoadedStage, entry: dict, ood: float | None) -> str | None:
+        """OOD reject, then abstain below ``threshold`` unless a ``decide:`` threshold chose the label."""
         if st.ood_threshold is not None and ood is not None:
             entry["ood"] = {"score": ood, "threshold": st.ood_threshold}
             if ood > st.ood_threshold:
                 entry["decision"] = "rejected"
                 return "rejected"
-        if st.threshold is not None and entry["confidence"] < st.threshold:
+        if st.threshold is not None and "decide" not in entry and entry["confidence"] < st.threshold:
             entry["threshold"] = st.threshold
             entry["decision"] = "abstained"
             return "abstained"
@@ -219,6 +226,18 @@ def resolve_threshold(sid: str, value: float | str | None, predictor: "Predictor
         raise ConfigError("pipeline", [f"stages.{sid}.threshold: 'auto' but the checkpoint has no tuned threshold; "
                                        "run `hierarchy calibrate RUN_DIR --data DATA` or give a number"])
     return float(stored["threshold"])
+
+
+def resolve_decide(sid: str, value: dict[str, float] | str, predictor: "Predictor") -> dict[str, float]:
+    """The stage's ``decide:`` thresholds; ``auto`` = those ``hierarchy calibrate --target-recall`` stored."""
+    if value != "auto":
+        return {lab: float(t) for lab, t in dict(value).items()}
+    stored = ((predictor.metadata or {}).get("decide") or {}).get("thresholds")
+    if not stored:
+        raise ConfigError("pipeline", [f"stages.{sid}.decide: 'auto' but the checkpoint has no tuned decision "
+                                       "thresholds; run `hierarchy calibrate RUN_DIR --data DATA --target-recall "
+                                       "LABEL=R` or give them"])
+    return {lab: float(t) for lab, t in stored.items()}
 
 
 def resolve_ood(value: float | str, predictor: "Predictor") -> float | None:

@@ -83,13 +83,15 @@ def _state(scored: Scored, temperature: float, threshold: float | None) -> dict[
 def calibrate_run(run_dir: Path, data: Path, *, split: str | None = None, target: dict | None = None,
                   refit_temperature: bool = True, device: str = "auto", precision: str = "auto",
                   engine: str = "auto", batch_size: int = 32, workers: int | None = None,
-                  progress: bool = True) -> dict[str, Any]:
-    """Refit temperature and threshold of the run on ``data``; update metadata.json; return a summary."""
+                  progress: bool = True, target_recall: Sequence[str] = ()) -> dict[str, Any]:
+    """Refit temperature and threshold of the run on ``data``; with ``target_recall`` (``["mel=0.95"]``)
+    also tune per-label decision thresholds (``decide: auto``); update metadata.json; return a summary."""
     from hierarchy.registry import get_stage
 
     from hierarchy.engine.router import load_stage_predictor
     from hierarchy.evaluate.runner import select_samples
     from hierarchy.models.metadata import read_metadata, resolve_checkpoint, update_metadata
+    from hierarchy.metrics.decisions import parse_recall_targets, tune_decide
     from hierarchy.metrics.thresholds import check_target, tune_threshold
     from hierarchy.train.report import calibration
 
@@ -99,6 +101,7 @@ def calibrate_run(run_dir: Path, data: Path, *, split: str | None = None, target
     target = dict(target or default_target(meta))
     try:
         check_target(target, labels)
+        recall_targets = parse_recall_targets(target_recall, labels)
     except ValueError as exc:
         raise ConfigError("threshold target", [str(exc)]) from None
     samples, info = select_samples(Path(data), split, labels=labels)
@@ -112,6 +115,9 @@ def calibrate_run(run_dir: Path, data: Path, *, split: str | None = None, target
     new_t = cal["temperature"] if cal else meta.temperature
     tuned = tune_threshold(calibrated(scored.logits, new_t), scored.y, target, labels)
     fields: dict[str, Any] = {"threshold": {**tuned, "data": str(data), "split": info["split"]}}
+    if recall_targets:
+        fields["decide"] = {**tune_decide(calibrated(scored.logits, new_t), scored.y, labels, recall_targets),
+                            "data": str(data), "split": info["split"]}
     if cal:
         fields.update(temperature=cal["temperature"], calibration={
             "method": "temperature", "split": info["split"], "data": str(data), **cal})
@@ -119,7 +125,7 @@ def calibrate_run(run_dir: Path, data: Path, *, split: str | None = None, target
     update_metadata(meta_path, **fields)
     return {"run": str(meta_path.parent), "metadata": str(meta_path), "data": info, "n": int(len(scored.y)),
             "decode_errors": scored.errors, "refit_temperature": refit_temperature, "target": target,
-            "threshold": fields["threshold"], "before": before, "after": _state(scored, new_t, tuned["threshold"])}
+            "threshold": fields["threshold"], "decide": fields.get("decide"), "before": before, "after": _state(scored, new_t, tuned["threshold"])}
 
 
 def render(summary: dict[str, Any]) -> str:
@@ -139,6 +145,12 @@ def render(summary: dict[str, Any]) -> str:
     achieved = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in t["achieved"].items())
     lines.append(f"target {summary['target']}: {'met' if t['met'] else 'NOT met'} ({achieved})"
                  + (f" - {t['reason']}" if not t["met"] else ""))
+    if summary.get("decide"):
+        d = summary["decide"]
+        lines.append(f"decide: {'met' if d['met'] else 'NOT met'} - " + "; ".join(
+            f"{lab} >= {t:.4f}: recall {d['achieved'][lab]['recall']:.3f} (target {d['target']['recall'][lab]}), "
+            f"precision {d['achieved'][lab]['precision']:.3f}" for lab, t in d["thresholds"].items())
+            + " (use `decide: auto` in the pipeline)")
     if not summary["refit_temperature"]:
         lines.append("temperature kept (--no-temperature)")
     lines.append(f"updated {summary['metadata']}")

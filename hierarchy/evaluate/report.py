@@ -45,6 +45,10 @@ def write_evaluation(ev: "Evaluation", out: Path) -> Path:
 
         report["files"]["ood_plots"] = write_ood_plots(report, out)
         strip_scores(report)  # plotted; report.json keeps the summary numbers
+    if report.get("subgroups"):
+        from hierarchy.evaluate.subgroup_files import write_subgroup_plots
+
+        report["files"]["subgroup_plots"] = write_subgroup_plots(report, out)
     atomic_write_json(out / "report.json", report)
     atomic_write_text(out / "records.jsonl", "".join(json.dumps(_record(it)) + "\n" for it in ev.items))
     atomic_write_text(out / "report.md", render_markdown(report))
@@ -131,6 +135,10 @@ def summary_table(report: dict, out: Path | None = None) -> str:
     lines.append(f"hierarchical P/R/F1 {h['precision']:.3f}/{h['recall']:.3f}/{h['f1']:.3f}; "
                  f"statuses {', '.join(f'{k} {v}' for k, v in e2e['statuses'].items() if v) or 'none'}")
     lines.append("errors by first wrong stage: " + (_blame(e2e["error_attribution"]) or "none"))
+    if report.get("subgroups"):
+        from hierarchy.evaluate.subgroup_files import subgroup_summary_lines
+
+        lines += subgroup_summary_lines(report)
     if out is not None:
         lines.append(f"report: {out / 'report.md'}")
     return "\n".join(lines)
@@ -158,6 +166,10 @@ def render_markdown(report: dict) -> str:
         from hierarchy.evaluate.ood import render_ood_markdown
 
         parts.append(render_ood_markdown(report))
+    if report.get("subgroups"):
+        from hierarchy.evaluate.subgroup_files import render_subgroups_markdown
+
+        parts.append(render_subgroups_markdown(report))
     parts += [_md_truth(report), _md_decode_errors(report)]
     return "\n\n".join(parts) + "\n"
 
@@ -223,7 +235,9 @@ def _md_stage(sid: str, s: dict, plots: dict) -> str:
     counts = s["confusion"]["counts"]
     lines += _table(["true \\ predicted"] + s["labels"], [[lab] + [str(v) for v in row] for lab, row in zip(s["labels"], counts)])
     lines += ["", f"![{sid} confusion]({plots['confusion']}) ![{sid} reliability]({plots['reliability']})"]
-    return "\n".join(lines)
+    from hierarchy.evaluate.subgroup_files import render_decide_markdown
+
+    return "\n".join(lines + render_decide_markdown(sid, s.get("decide")))
 
 
 def _md_truth(report: dict) -> str:

@@ -89,6 +89,7 @@ def extra_columns(data: Path) -> list[str]:
 class Truth:
     stages: dict[str, str]  # stage id -> true label at that stage
     path: list[tuple[str, str]]  # (stage id, label) from the root, following the true labels' routes
+    meta: dict[str, str] = field(default_factory=dict)  # the sample's other columns (sex, age...): `--by`
 
 
 @dataclass
@@ -193,6 +194,7 @@ class _StageData:
     probs: list[np.ndarray] = field(default_factory=list)
     logits: list[np.ndarray | None] = field(default_factory=list)
     ood: list[np.ndarray | None] = field(default_factory=list)
+    meta: list[dict[str, str]] = field(default_factory=list)
 
 
 class _Collector:
@@ -236,12 +238,27 @@ class _Collector:
             chunk = pairs[start:start + self.batch_size]
             pred = _predict(predictor, make_batch([d.array(predictor.preset) for _, d in chunk], predictor))
             acc.y += [index[t.stages[sid]] for t, _ in chunk]
+            acc.meta += [t.meta for t, _ in chunk]
             acc.probs.append(np.asarray(pred.probs, dtype=np.float64))
             acc.logits.append(None if pred.logits is None else np.asarray(pred.logits, dtype=np.float64))
             acc.ood.append(None if pred.ood is None else np.asarray(pred.ood, dtype=np.float64))
 
 
 # ---------------------------------------------------------------- entry point
+
+
+def _group_specs(by: Sequence[str], columns: list[str], data: Path, truths: list[Truth],
+                 samples: Sequence["Sample"]) -> list[Any]:
+    """Parse and check ``--by`` against the data's columns; attach each sample's columns to its truth."""
+    if not by:
+        return []
+    from hierarchy.evaluate.subgroups import check_columns, parse_by
+
+    groups = parse_by(by)
+    check_columns(groups, columns, data)
+    for t, s in zip(truths, samples):
+        t.meta = dict(zip(columns, s.extra_labels))
+    return groups
 
 
 @dataclass
@@ -252,9 +269,12 @@ class Evaluation:
 
 def evaluate(pipe: Pipeline, data: Path, *, split: str | None = None, batch_size: int = 32, device: str = "auto",
              precision: str = "auto", engine: str = "auto", workers: int | None = None, progress: bool = True,
-             router: "Router | None" = None, ood: Path | None = None) -> Evaluation:
+             router: "Router | None" = None, ood: Path | None = None, by: Sequence[str] = (),
+             n_resamples: int = 1000, seed: int = 0) -> Evaluation:
     """Run ``pipe`` over labelled ``data`` and compute the full report (nothing is written).
-    ``ood``: a folder of known out-of-distribution images, reported under ``report["ood"]``."""
+    ``ood``: a folder of known out-of-distribution images, reported under ``report["ood"]``;
+    ``by``: ``--by`` specs (``["sex", "age:0-30,30-60,60-"]``): subgroup results under ``report["subgroups"]``
+    with ``n_resamples`` bootstrap resamples drawn from ``seed``."""
     from tqdm import tqdm
 
     from hierarchy.data.batches import decode_batches
@@ -265,7 +285,9 @@ def evaluate(pipe: Pipeline, data: Path, *, split: str | None = None, batch_size
     data = Path(data)
     samples, data_info = select_samples(data, split)
     hier = Hierarchy.from_pipeline(pipe, stage_labels(pipe))
-    truths, truth_info = assign_truth(samples, hier, extra_columns(data))  # before any weights load
+    columns = extra_columns(data)
+    truths, truth_info = assign_truth(samples, hier, columns)  # before any weights load
+    groups = _group_specs(by, columns, data, truths, samples)
     router = router or Router.from_pipeline(pipe, device=device, precision=precision, engine=engine)
     collector = _Collector(router, hier, batch_size)
     chunk = max(batch_size, 64)
@@ -277,6 +299,10 @@ def evaluate(pipe: Pipeline, data: Path, *, split: str | None = None, batch_size
     settings = {"batch_size": batch_size, "device": device, "precision": precision, "n_bins": N_BINS,
                 "engines": {sid: getattr(st.predictor, "engine", "custom") for sid, st in router.stages.items()}}
     report = build_report(pipe, router, hier, collector, data_info, truth_info, settings)
+    if groups:
+        from hierarchy.evaluate.subgroups import subgroup_report
+
+        report["subgroups"] = subgroup_report(router, hier, collector, groups, n_resamples=n_resamples, seed=seed)
     if ood is not None:
         from hierarchy.evaluate.ood import evaluate_ood
 

@@ -65,10 +65,13 @@ def _stack(parts: Sequence[np.ndarray | None], width: int) -> np.ndarray | None:
 def stage_block(sid: str, st: "LoadedStage", acc: "_StageData", setting: Any, items: list[dict]) -> dict[str, Any]:
     from hierarchy.metrics.classification import classification_report, risk_coverage, roc_auc, selective_summary
 
+    from hierarchy.metrics.decisions import decide_labels
+
     labels = list(st.predictor.labels)
     y = np.asarray(acc.y, dtype=np.int64)
     probs = np.clip(_stack(acc.probs, len(labels)), 0.0, 1.0)
-    pred, conf = probs.argmax(axis=1), probs.max(axis=1)
+    pred, forced = decide_labels(probs, labels, st.decide)  # argmax unless a `decide:` threshold fires
+    conf = probs[np.arange(len(pred)), pred]
     correct = pred == y
     report = classification_report(y, pred, labels)
     temperature = float(getattr(st.predictor, "temperature", None) or (st.predictor.metadata or {}).get("temperature", 1.0))
@@ -80,20 +83,34 @@ def stage_block(sid: str, st: "LoadedStage", acc: "_StageData", setting: Any, it
         "threshold": {"value": st.threshold, "setting": setting, "ood_threshold": st.ood_threshold,
                       "stored": (st.predictor.metadata or {}).get("threshold")},
         "calibration": calibration_block(probs, _stack(acc.logits, len(labels)), y, temperature),
-        "selective": selective_summary(conf, correct, accepted_mask(st, conf, ood)),
+        "decide": decide_block(st, probs, y, labels),
+        "selective": selective_summary(conf, correct, accepted_mask(st, conf, ood, forced)),
         "risk_coverage": risk_coverage(conf, correct),
         "in_pipeline": in_pipeline(sid, items),
     }
 
 
-def accepted_mask(st: "LoadedStage", conf: np.ndarray, ood: np.ndarray | None) -> np.ndarray:
-    """The router's decision (hierarchy.engine.router.Router._decide) applied to a whole stage at once."""
+def accepted_mask(st: "LoadedStage", conf: np.ndarray, ood: np.ndarray | None,
+                  forced: np.ndarray | None = None) -> np.ndarray:
+    """The router's decision (hierarchy.engine.router.Router._decide) applied to a whole stage at once:
+    ``conf`` is the chosen label's probability, ``forced`` marks labels a ``decide:`` threshold chose
+    (never abstained)."""
     ok = np.ones(len(conf), dtype=bool)
     if st.ood_threshold is not None and ood is not None:
         ok &= ood <= st.ood_threshold
     if st.threshold is not None:
-        ok &= conf >= st.threshold
+        ok &= (conf >= st.threshold) | (forced if forced is not None else False)
     return ok
+
+
+def decide_block(st: "LoadedStage", probs: np.ndarray, y: np.ndarray, labels: list[str]) -> dict[str, Any] | None:
+    """For each label with a ``decide:`` threshold: the operating point and the recall/precision
+    trade-off over that label's threshold (the other labels' thresholds held)."""
+    from hierarchy.metrics.decisions import decision_curve
+
+    if not st.decide:
+        return None
+    return {lab: decision_curve(probs, y, labels, st.decide, lab) for lab in st.decide}
 
 
 def _nll(p: np.ndarray, y: np.ndarray) -> float:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import numpy as np
 
 from hierarchy.core.errors import HierarchyError
+from hierarchy.explain import DEFAULT_METHOD, METHODS
 
 if TYPE_CHECKING:
     from torch import nn
@@ -28,9 +29,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("hierarchy.explain")
 
-METHODS = {"gradcam": "GradCAM", "gradcam++": "GradCAMPlusPlus", "hirescam": "HiResCAM",
-           "xgradcam": "XGradCAM", "layercam": "LayerCAM", "eigencam": "EigenCAM"}
-DEFAULT_METHOD = "gradcam"
 MIN_OVERLAY = 224  # overlays are drawn at least this many pixels wide
 ALL_STAGES = "*"  # key of a layer override for every stage
 
@@ -153,6 +151,12 @@ class Explainer:
             out.append(Explanation(sid, label, True, self.method, cam.layer_name, self._note(sid), heat,
                                    overlay(item.array(cam.preset), heat)))
         return out
+
+    def preload(self) -> "Explainer":
+        """Build every stage's CAM model now, so a bad ``--explain-layer`` fails before any image."""
+        for sid in self.router.order:
+            self.model(sid)
+        return self
 
     def model(self, sid: str) -> CamModel | str:
         """The stage's CAM model, or the reason it has none."""

@@ -207,3 +207,32 @@ def score_histogram_figure(
     if ax.has_data() or threshold is not None:
         ax.legend(fontsize=8)
     return fig
+
+
+def plot_group_recall(
+    groups: dict[str, Any], labels: Sequence[str], path: str | os.PathLike, title: str = "Recall per subgroup",
+) -> Path:
+    """:func:`group_recall_figure` written to ``path`` as PNG."""
+    return _save(group_recall_figure(groups, labels, title), path)
+
+
+def group_recall_figure(groups: dict[str, Any], labels: Sequence[str], title: str = "Recall per subgroup") -> "Figure":
+    """Per-class recall of each subgroup with its confidence interval as an error bar.
+    ``groups``: ``{name: {"n": int, "metrics": {"recall/<label>": {"value", "ci"}}}}`` (evaluate --by)."""
+    names = list(groups)
+    fig, axes = _figure(max(5.0, 0.7 * len(names) * max(1, len(labels)) + 2.0), 4.5)
+    ax = axes[0, 0]
+    width = 0.8 / max(1, len(labels))
+    for j, lab in enumerate(labels):
+        ms = [groups[g]["metrics"].get(f"recall/{lab}") or {} for g in names]
+        x = np.arange(len(names)) + (j - (len(labels) - 1) / 2) * width
+        v = np.array([np.nan if m.get("value") is None else m["value"] for m in ms])
+        lo = np.array([np.nan if not m.get("ci") else m["ci"][0] for m in ms])
+        hi = np.array([np.nan if not m.get("ci") else m["ci"][1] for m in ms])
+        ax.errorbar(x, v, yerr=np.nan_to_num(np.vstack([v - lo, hi - v]), nan=0.0), fmt="o", capsize=3, label=lab)
+    ax.set_xticks(np.arange(len(names)), [f"{g}\nn={groups[g]['n']}" for g in names], fontsize=7,
+                  rotation=30 if len(names) > 6 else 0)
+    ax.set(ylim=(-0.02, 1.02), ylabel="recall (95% CI)", title=title)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    return fig

@@ -15,6 +15,8 @@ from hierarchy.metrics.classification import roc_auc
 
 _EPS = 1e-12  # slack for float comparisons against user targets (199/200 vs 0.995)
 TARGET_KEYS = ("target_precision", "target_coverage", "max_risk")
+SATURATED = 1.0 - 1e-6  # a threshold this close to 1 accepts only saturated probabilities
+FALLBACK_CAP = 0.999  # the highest fallback threshold (max_risk 0 would ask for exactly 1)
 
 
 def check_target(target: Any, labels: Sequence[str] | None = None) -> str:
@@ -85,6 +87,12 @@ def tune_threshold(probs: Any, y: Any, target: dict, labels: list[str]) -> dict:
 
     Candidates are the distinct confidences, so ties are never split. When none meets the target,
     returns the strictest candidate with ``met: False`` and a ``reason``.
+
+    A saturated pick (>= :data:`SATURATED`: a separable val split whose probabilities round to 1)
+    is never returned: it would accept only saturated probabilities, which real inputs from new
+    sources rarely give. Instead Chow's rule for calibrated probabilities is used, ``1 - max_risk``
+    or ``target_precision`` (capped at :data:`FALLBACK_CAP`; ``1 / n_labels`` for a coverage
+    target), with ``fallback`` saying so and ``achieved`` measured at it.
     """
     z = np.asarray(probs, dtype=np.float64)
     if z.ndim != 2 or z.shape[1] != len(labels) or not np.all(np.isfinite(z)):
@@ -105,6 +113,24 @@ def tune_threshold(probs: Any, y: Any, target: dict, labels: list[str]) -> dict:
         best = stats[key].max() if label_idx is not None else stats[key].min()
         out["reason"] = (f"no threshold reaches {kind}={target[kind]}; best achievable {key} is "
                          f"{best:.4f}; returning the strictest threshold")
+    return _unsaturated(out, z, y, kind, float(target[kind]), label_idx)
+
+
+def _unsaturated(out: dict, z: np.ndarray, y: np.ndarray, kind: str, value: float, label_idx: int | None) -> dict:
+    if out["threshold"] < SATURATED:
+        return out
+    t = min(FALLBACK_CAP, {"max_risk": 1.0 - value, "target_precision": value}.get(kind, 1.0 / z.shape[1]))
+    conf, pred = z.max(axis=1), z.argmax(axis=1)
+    acc = conf >= t
+    n = int(acc.sum())
+    achieved: dict[str, float] = {"coverage": n / len(y), "risk": float((pred[acc] != y[acc]).mean()) if n else 0.0,
+                                  "n_accepted": n}
+    if label_idx is not None:
+        hit = acc & (pred == label_idx)
+        achieved["precision"] = float((y[hit] == label_idx).mean()) if hit.any() else 0.0
+    out.update(threshold=float(t), achieved=achieved, fallback=(
+        f"the tuned threshold saturated at {out['threshold']:.6f} (val probabilities round to 1, so val cannot "
+        f"tell thresholds apart); used Chow's rule for {kind}={value} instead: {t:.4f}"))
     return out
 
 

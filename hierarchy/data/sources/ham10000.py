@@ -11,6 +11,8 @@ from hierarchy.core.errors import DatasetError
 from hierarchy.data.sources.base import Source, scan_images
 from hierarchy.data.sources.items import Item, Problems
 
+META_COLUMNS = ("sex", "age", "localization", "dx_type")  # carried into the manifest for `evaluate --by`
+
 
 class Ham10000Source(Source):
     """HAM10000: ``metadata`` CSV (lesion_id,image_id,dx,...) plus ``<image_id>.jpg`` anywhere under root."""
@@ -61,7 +63,8 @@ class Ham10000Source(Source):
             problems.add("missing_files", source=self.key, image_id=image_id, line=line)
             return None
         group = (row.get("lesion_id") or "").strip() or image_id
-        return Item(path=path, label=label, source=self.key, group=group)
+        meta = tuple((c, (row.get(c) or "").strip()) for c in META_COLUMNS if c in row)
+        return Item(path=path, label=label, source=self.key, group=group, meta=meta)
 
     def _read_rows(self, root: Path) -> list[tuple[int, dict[str, str]]]:
         meta = Path(self.metadata).expanduser()

@@ -32,13 +32,21 @@ PROBLEM_KINDS = (
 @dataclass(frozen=True)
 class Item:
     """One labelled image. ``path`` is absolute (``os.path.abspath``, symlinks kept); ``group``
-    keeps related images (a lesion's photos) in one split; ``split`` pins a split when not None."""
+    keeps related images (a lesion's photos) in one split; ``split`` pins a split when not None;
+    ``meta`` holds the source's metadata columns (HAM10000: sex, age, ...) as (column, value) pairs,
+    written as extra manifest columns (``hierarchy evaluate --by`` reads them)."""
 
     path: str
     label: str
     source: str
     group: str
     split: str | None = None
+    meta: tuple[tuple[str, str], ...] = ()
+
+
+def meta_columns(items: Iterable[Item]) -> list[str]:
+    """Every metadata column the items carry, in first-seen order."""
+    return list(dict.fromkeys(col for it in items for col, _ in it.meta))
 
 
 @dataclass

@@ -1,0 +1,159 @@
+"""Gate quality on real images from new sources: train each candidate recipe with the CLI on the
+shared HAM10000 + COCO, run it on ../shared/data/dev_eval and print the per-group table.
+
+    python benchmarks/bench_gate_quality.py                       # every recipe, full data (~30 min each on 2 cores)
+    python benchmarks/bench_gate_quality.py --per-class 100 --epochs 1 --img-size 64 --eval-per-group 50  # smoke
+
+Columns: dermoscopy passed (status ok and label skin), everyday/textures/medical stopped (anything
+but ok + skin), ECE over the labelled groups (top-1 probability, argmax, 15 bins), selective error at
+90% coverage (the 10% least confident left out) and training time. Nothing is fitted on dev_eval.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+# name -> train: overrides; "robust" is the recommended offline recipe (configs/skin_vs_nonskin.yaml)
+ROBUST_AUGMENT = {"crop_scale": [0.35, 1.0], "rot90": True, "vflip": True, "rotate": 15.0, "color_jitter": 0.3,
+                  "hue": 0.03, "jpeg_quality": [40, 95], "downscale": [0.4, 1.0], "p": 0.8}
+RECIPES: dict[str, dict[str, Any]] = {
+    "scratch": {"backbone": "resnet18", "pretrained": "none", "img_size": 64, "epochs": 5},
+    "lite0": {"backbone": "timm/efficientnet_lite0", "pretrained": "imagenet", "img_size": 128, "epochs": 3},
+    "lite0-robust": {"backbone": "timm/efficientnet_lite0", "pretrained": "imagenet", "img_size": 128, "epochs": 3,
+                     "optimizer": "adamw", "weight_decay": 0.05, "schedule": "cosine", "warmup_epochs": 0.3,
+                     "label_smoothing": 0.1, "ema": 0.998, "temperature_floor": 1.0, "augment": ROBUST_AUGMENT},
+}
+RECOMMENDED = "lite0-robust"
+GROUPS = ("dermoscopy", "everyday", "textures", "medical_nonskin")
+
+
+def hierarchy(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "hierarchy", "-q", *args], check=True)
+
+
+def build_dataset(data: Path, out: Path, per_class: int | None) -> Path:
+    import yaml
+
+    cfg = {"stage": "skin_vs_nonskin", "dataset": {
+        "sources": [{"type": "ham10000", "root": str(data / "ham10000"), "label": "skin"},
+                    {"type": "coco", "root": str(data / "coco"), "sets": ["train2017", "val2017"], "label": "non-skin",
+                     "exclude_categories": ["person"]}],
+        "max_per_class": per_class, "verify_images": False}}
+    path = out / "dataset.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    if not (out / "dataset" / "manifest.csv").is_file():
+        hierarchy("build-dataset", "skin_vs_nonskin", "--config", str(path), "--out", str(out / "dataset"))
+    return out / "dataset"
+
+
+def train(dataset: Path, out: Path, name: str, recipe: dict[str, Any], args: argparse.Namespace) -> tuple[Path, float]:
+    import yaml
+
+    train_cfg = {**recipe, "out": str(out / "runs"), "name": name, **({"epochs": args.epochs} if args.epochs else {}),
+                 **({"img_size": args.img_size} if args.img_size else {}),
+                 **({"max_steps_per_epoch": args.max_steps} if args.max_steps else {})}
+    path = out / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"stage": "skin_vs_nonskin", "train": train_cfg}))
+    start = time.monotonic()
+    hierarchy("train", "skin_vs_nonskin", "--config", str(path), "--data", str(dataset))
+    return out / "runs" / "skin_vs_nonskin" / name, time.monotonic() - start
+
+
+def dev_eval_rows(dev: Path, per_group: int | None) -> list[dict[str, str]]:
+    with open(dev / "manifest.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    if per_group:
+        rows = [r for g in GROUPS for r in [x for x in rows if x["group"] == g][:per_group]]
+    return rows
+
+
+def run_gate(run: Path, rows: list[dict[str, str]], dev: Path, out: Path) -> list[dict[str, Any]]:
+    pipe = out / f"{run.name}.pipe.yaml"
+    pipe.write_text(f"name: gate\nroot: gate\nstages:\n  gate: {{stage: skin_vs_nonskin, weights: {run}, "
+                    "threshold: auto, ood: auto, routes: {default: stop}}\n")
+    listing = out / f"{run.name}.inputs.txt"
+    listing.write_text("".join(f"{dev / r['path']}\n" for r in rows))
+    records = out / f"{run.name}.jsonl"
+    hierarchy("run", str(pipe), "--files-from", str(listing), "--format", "jsonl", "-o", str(records))
+    by_path = {json.loads(line)["path"]: json.loads(line) for line in records.read_text().splitlines()}
+    return [by_path[str(dev / r["path"])] for r in rows]
+
+
+def scores(rows: list[dict[str, str]], records: list[dict[str, Any]]) -> dict[str, float]:
+    """The issue's figures for one recipe (see the module docstring)."""
+    from hierarchy.metrics.classification import expected_calibration_error
+
+    passed = np.array([r["status"] == "ok" and r["label"] == "skin" for r in records])
+    groups = np.array([r["group"] for r in rows])
+    skin = np.array([r["label"] == "skin" for r in rows])
+    out = {g: float((passed[groups == g] if g == "dermoscopy" else ~passed[groups == g]).mean())
+           for g in GROUPS if (groups == g).any()}
+    probs = np.array([[t["trace"][0]["probs"].get("skin", 0.0) if t.get("trace") else 0.5] for t in records])[:, 0]
+    conf = np.maximum(probs, 1 - probs)
+    correct = (probs >= 0.5) == skin
+    out["ece"] = float(expected_calibration_error(conf, correct, n_bins=15))
+    keep = np.argsort(-conf, kind="stable")[: int(np.ceil(0.9 * len(conf)))]
+    out["selective_error_90"] = float((~correct[keep]).mean())
+    return out
+
+
+def table(results: dict[str, dict[str, float]]) -> str:
+    cols = ["dermoscopy", "everyday", "textures", "medical_nonskin", "ece", "selective_error_90", "train_s"]
+    head = "| recipe | dermoscopy passed | everyday stopped | textures stopped | medical stopped | ECE | sel. err @90% | train s |"
+    lines = [head, "|" + "---|" * (len(cols) + 1)]
+    for name, r in results.items():
+        lines.append(f"| {name} | " + " | ".join(f"{r.get(c, float('nan')):.4f}" if c != "train_s" else
+                                                 f"{r[c]:.0f}" for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def measure(args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dataset = build_dataset(Path(args.data), out, args.per_class)
+    rows = dev_eval_rows(Path(args.dev_eval), args.eval_per_group)
+    results = {}
+    for name in args.recipes:
+        run, seconds = train(dataset, out, name, RECIPES[name], args)
+        results[name] = {**scores(rows, run_gate(run, rows, Path(args.dev_eval), out)), "train_s": seconds}
+    return results
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=str(SHARED), help="holds ham10000/ and coco/")
+    p.add_argument("--dev-eval", default=str(SHARED / "dev_eval"))
+    p.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    p.add_argument("--per-class", type=int, default=None, help="max_per_class of the built dataset")
+    p.add_argument("--eval-per-group", type=int, default=None, help="first N dev_eval images of each group")
+    p.add_argument("--epochs", type=int, default=None, help="override every recipe's epochs")
+    p.add_argument("--img-size", type=int, default=None, help="override every recipe's input size")
+    p.add_argument("--max-steps", type=int, default=None, help="cap steps per epoch")
+    p.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "hierarchy-gate-quality"))
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    results = measure(args)
+    print(f"machine: {platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores, "
+          f"python {platform.python_version()}")
+    print(table(results))
+    (Path(args.out) / "results.json").write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
