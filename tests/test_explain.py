@@ -58,13 +58,24 @@ def train_marker(run: Path, steps: int = 12, seed: int = 0) -> Path:
     preset = Preset(size=SIZE)
     model, arch = create_model("resnet18", 2)
     opt = torch.optim.Adam(model.parameters(), 1e-3)
-    for _ in range(steps):
-        y = rng.integers(0, 2, size=16)
+    def batch(n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+        y = rng.integers(0, 2, size=n)
         x = np.stack([marked(rng, random_corner(rng) if label == 0 else None) for label in y])
-        loss = torch.nn.functional.cross_entropy(model(preset.normalize(torch.from_numpy(x))), torch.from_numpy(y))
+        return preset.normalize(torch.from_numpy(x)), torch.from_numpy(y)
+
+    for _ in range(steps):
+        x, y = batch()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
+    for m in model.modules():  # BatchNorm statistics of the trained weights, not a lagging average
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None
+    with torch.no_grad():
+        for _ in range(4):
+            model(batch(32)[0])
     model.eval()
     save_weights(run / "best.safetensors", model)
     write_metadata(run / "metadata.json", CheckpointMetadata(stage="mark", labels=list(MarkStage.labels), arch=arch,

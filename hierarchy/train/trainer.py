@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from hierarchy.core.errors import DatasetError, HierarchyError
+from hierarchy.models.device import autocast, grad_scaler, memory_format
 from hierarchy.core.fsutil import atomic_write_json, atomic_write_text
 from hierarchy.data.preset import Preset
 from hierarchy.train import distributed
@@ -262,9 +263,6 @@ def _step(ctx: TrainContext, model: nn.Module, opt: torch.optim.Optimizer, loss:
     return False
 
 
-def grad_scaler(device: torch.device, precision: str) -> Any:
-    """Loss scaling for fp16 (CUDA AMP); a disabled scaler, which passes calls through, otherwise."""
-    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
 
 def _grads_finite(model: nn.Module) -> bool:
@@ -314,16 +312,8 @@ def evaluate_model(model: nn.Module, loader: Any, device: torch.device, precisio
             "logits": logits.numpy(), "targets": y.numpy()}
 
 
-def autocast(device: torch.device, precision: str) -> Any:
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
-def memory_format(device: torch.device, precision: str) -> torch.memory_format:
-    # Measured on a 2-core AVX512-BF16/AMX CPU (torch 2.14, ResNet18 at 224, batch 32, allocator thresholds
-    # on): fp32 NCHW 2.8 s/step, fp32 channels_last 2.1 s, bf16 autocast NCHW 1.3 s, channels_last 0.67-0.9 s.
-    # channels_last is what oneDNN's and cuDNN's fast convolution kernels expect, in every precision.
-    return torch.channels_last
 
 
 def _to_device(ctx: TrainContext, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
