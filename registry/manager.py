@@ -9,17 +9,16 @@ before any plugin's ``register_stages``; registered source types go into the dat
 """
 from __future__ import annotations
 
-import inspect
+import json
 import logging
 import os
-import re
 from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
 from typing import TYPE_CHECKING, Any, Callable
 
 import pluggy
 
-from . import hookspecs
+from . import checks, hookspecs
 
 if TYPE_CHECKING:
     from hierarchy.config.stage import Stage
@@ -31,8 +30,8 @@ ENTRY_POINT_GROUP = "hierarchy.stages"
 HOOKS = ("register_sources", "register_weights", "register_stages")
 DISABLE_AUTOLOAD_ENV = "HIERARCHY_DISABLE_PLUGIN_AUTOLOAD"
 PLUGINS_ENV = "HIERARCHY_PLUGINS"
-API_ATTRIBUTE = "HIERARCHY_PLUGIN_API"
-_NAME_RE = re.compile(r"^[a-z][a-z0-9_\-]*$")
+EXCLUDE_PREFIX = "no:"  # HIERARCHY_PLUGINS=no:NAME leaves one plugin out (pytest's -p no:NAME)
+FIRST_PARTY_DIST = "hierarchy-cascade"  # this project's distribution: its stage names win conflicts
 log = logging.getLogger("hierarchy.registry")
 
 
@@ -42,6 +41,11 @@ class PluginInfo:
     dist: str | None = None
     version: str | None = None
     module: str = ""
+    editable: str | None = None  # the source folder of an editable install (pip install -e)
+
+    @property
+    def first_party(self) -> bool:
+        return self.dist == FIRST_PARTY_DIST
 
     def __str__(self) -> str:
         where = f"{self.dist} {self.version}" if self.dist else "not from a distribution"
@@ -60,7 +64,7 @@ class PluginFailure:
     def to_dict(self) -> dict[str, Any]:
         p = self.plugin
         return {"plugin": p.name, "dist": p.dist, "version": p.version, "module": p.module,
-                "phase": self.phase, "error": self.error}
+                "editable": p.editable, "phase": self.phase, "error": self.error}
 
 
 @dataclass(frozen=True)
@@ -102,23 +106,24 @@ class Registry:
         self._autoloaded = True
         if os.environ.get(DISABLE_AUTOLOAD_ENV, "").strip().lower() in {"1", "true", "yes"}:
             return
-        selected = _selected_plugins()
+        selected, excluded = _selected_plugins()
         eps = sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name)
-        loaded = [self._load_entry_point(ep) for ep in eps if selected is None or ep.name in selected]
+        loaded = [self._load_entry_point(ep) for ep in eps if _wanted(ep, selected, excluded)]
         self._collect([p for p in loaded if p is not None])
-        for missing in sorted((selected or set()) - {ep.name for ep in eps}):
+        for missing in sorted(((selected or set()) | excluded) - {ep.name for ep in eps}):
             self.failures.append(PluginFailure(PluginInfo(missing), "select",
                                                f"{PLUGINS_ENV} names it but no such entry point is installed"))
 
     def _load_entry_point(self, ep: EntryPoint) -> tuple[object, PluginInfo] | None:
         dist = getattr(ep, "dist", None)
-        info = PluginInfo(ep.name, dist.name if dist else None, dist.version if dist else None, ep.value)
+        info = PluginInfo(ep.name, dist.name if dist else None, dist.version if dist else None, ep.value,
+                          _editable_dir(dist))
         if self.pm.has_plugin(ep.name):
             return None
         try:
             plugin = ep.load()
         except Exception as exc:  # noqa: BLE001 - any import error is the plugin's, not ours
-            self.failures.append(PluginFailure(info, "import", _describe(exc)))
+            self.failures.append(PluginFailure(info, "import", _describe(exc) + checks.import_hint(exc, info.editable)))
             return None
         return (plugin, info) if self._add_plugin(plugin, info) else None
 
@@ -131,28 +136,43 @@ class Registry:
             self._collect([(plugin, info)])
 
     def _add_plugin(self, plugin: object, info: PluginInfo) -> bool:
-        if not _api_compatible(plugin, info, self.failures):
+        problem = checks.api_problem(plugin)
+        if problem:
+            self.failures.append(PluginFailure(info, "api", problem))
             return False
         try:
             self.pm.register(plugin, name=info.name)
         except ValueError as exc:  # already registered, or hookimpl signature mismatch
             self.failures.append(PluginFailure(info, "register", _describe(exc)))
             return False
+        for problem in checks.unknown_hook_problems(self.pm, plugin, HOOKS):  # pluggy's check_pending
+            self.failures.append(PluginFailure(info, "hook", problem))
         return True
 
     def _collect(self, plugins: list[tuple[object, PluginInfo]]) -> None:
         """Call every plugin's ``register_sources``, then every plugin's ``register_stages``."""
         adders = {"register_sources": self._add_source, "register_weights": self._add_weights,
                   "register_stages": self._add_stage}
+        before = len(self.failures)
+        added: dict[str, int] = {}
         for hook in HOOKS:
             impls = getattr(self.pm.hook, hook).get_hookimpls()
             for plugin, info in plugins:
                 for impl in impls:
                     if impl.plugin is plugin:
-                        self._call_hook(impl, info, adders[hook])
+                        added[info.name] = added.get(info.name, 0) + self._call_hook(impl, info, adders[hook])
+        failed = {f.plugin.name for f in self.failures[before:]}
+        for plugin, info in plugins:  # a plugin that did nothing and said nothing is broken, not absent
+            if not added.get(info.name) and info.name not in failed:
+                self.failures.append(PluginFailure(info, "register",
+                                                   checks.nothing_registered_problem(self.pm, plugin, HOOKS)))
 
-    def _call_hook(self, impl: pluggy.HookImpl, info: PluginInfo, add: Callable[[Any, PluginInfo], None]) -> None:
+    def _call_hook(self, impl: pluggy.HookImpl, info: PluginInfo, add: Callable[[Any, PluginInfo], None]) -> int:
+        """Call one hook implementation; returns how many times it called ``register``."""
+        calls = []
+
         def register(cls: Any) -> None:
+            calls.append(cls)
             add(cls, info)
 
         kwargs = {"register": register} if "register" in impl.argnames else {}
@@ -160,23 +180,40 @@ class Registry:
             impl.function(**kwargs)
         except Exception as exc:  # noqa: BLE001 - a raising hook must not take the others down
             self.failures.append(PluginFailure(info, "hook", _describe(exc)))
+        return len(calls)
 
     def _add_stage(self, cls: "type[Stage]", info: PluginInfo) -> None:
-        problem = _stage_problem(cls)
+        problem = checks.stage_problem(cls)
         if problem:
             self.failures.append(PluginFailure(info, "register", problem))
             return
         name = cls.name
-        if name in self._conflicts:
-            self._conflicts[name].append(info)
-        elif name in self.stages and self.stages[name].cls is not cls:
-            first = self.stages.pop(name).plugin
-            self._conflicts[name] = [first, info]
+        held = self.stages.get(name)
+        if held is not None and held.cls is cls:
+            return
+        if held is not None and held.plugin.first_party and not info.first_party:
+            self._refuse_reuse(name, held.plugin, [info])
+        elif info.first_party and (held is not None or name in self._conflicts):
+            others = [held.plugin] if held is not None else self._conflicts.pop(name)
+            self.failures[:] = [f for f in self.failures if not (f.phase == "conflict" and f"stage '{name}'" in f.error)]
+            self.stages[name] = StageEntry(cls, info)  # first-party names win; the others are reported
+            self._refuse_reuse(name, info, others)
+        elif held is not None or name in self._conflicts:  # two third parties: neither is used
+            newly = [self.stages.pop(name).plugin] if held is not None else []
+            self._conflicts.setdefault(name, []).extend(newly + [info])
+            owners = " and ".join(str(p) for p in self._conflicts[name])
+            for party in newly + [info]:  # every party is listed as broken, not only the later one
+                self.failures.append(PluginFailure(party, "conflict", (
+                    f"stage '{name}' is registered by {owners}; neither is used (uninstall one, or leave one "
+                    f"out with {PLUGINS_ENV}={EXCLUDE_PREFIX}PLUGIN)")))
         else:
             self.stages[name] = StageEntry(cls, info)
-            return
-        owners = " and ".join(str(p) for p in self._conflicts[name])
-        self.failures.append(PluginFailure(info, "conflict", f"stage '{name}' is registered by {owners}"))
+
+    def _refuse_reuse(self, name: str, owner: PluginInfo, others: list[PluginInfo]) -> None:
+        for other in others:
+            self.failures.append(PluginFailure(other, "conflict", (
+                f"stage '{name}' is already registered by {owner} (first party: its names win); "
+                f"{other} reuses the name and is not used: rename its stage")))
 
     def _add_source(self, cls: "type[Source]", info: PluginInfo) -> None:
         from hierarchy.core.errors import PluginError
@@ -243,8 +280,8 @@ class Registry:
             return self.stages[name].cls
         if name in self._conflicts:
             owners = " and ".join(str(p) for p in self._conflicts[name])
-            raise PluginError(f"Stage '{name}' is registered by two plugins: {owners}. "
-                              f"Uninstall one, or choose plugins with {PLUGINS_ENV}=name1,name2.")
+            raise PluginError(f"Stage '{name}' is registered by two plugins: {owners}. Uninstall one, or leave one "
+                              f"out with {PLUGINS_ENV}={EXCLUDE_PREFIX}PLUGIN (first-party stages stay loaded).")
         raise UnknownStageError(self.unknown_message(name))
 
     def unknown_message(self, name: str, with_failures: bool = True) -> str:
@@ -261,66 +298,36 @@ def _new_plugin_manager() -> pluggy.PluginManager:
     return pm
 
 
-def _selected_plugins() -> set[str] | None:
-    raw = os.environ.get(PLUGINS_ENV, "").strip()
-    return {p.strip() for p in raw.split(",") if p.strip()} if raw else None
+def _selected_plugins() -> tuple[set[str] | None, set[str]]:
+    """``HIERARCHY_PLUGINS``: (entry-point names to load, or None for all; names to leave out)."""
+    names = [p.strip() for p in os.environ.get(PLUGINS_ENV, "").split(",") if p.strip()]
+    excluded = {n[len(EXCLUDE_PREFIX):] for n in names if n.startswith(EXCLUDE_PREFIX)}
+    selected = {n for n in names if not n.startswith(EXCLUDE_PREFIX)}
+    return (selected or None), excluded
+
+
+def _wanted(ep: EntryPoint, selected: set[str] | None, excluded: set[str]) -> bool:
+    """Named plugins are loaded and first-party ones stay, unless left out with ``no:NAME``."""
+    if ep.name in excluded:
+        return False
+    dist = getattr(ep, "dist", None)
+    return selected is None or ep.name in selected or (dist is not None and dist.name == FIRST_PARTY_DIST)
+
+
+def _editable_dir(dist: Any) -> str | None:
+    """The source folder of an editable install (PEP 610 ``direct_url.json``), else None."""
+    try:
+        data = json.loads((dist.read_text("direct_url.json") if dist else None) or "{}")
+    except (OSError, ValueError):
+        return None
+    if not data.get("dir_info", {}).get("editable"):
+        return None
+    url = data.get("url", "")
+    return url[len("file://"):] if url.startswith("file://") else url or None
 
 
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
-
-
-def _api_compatible(plugin: object, info: PluginInfo, failures: list[PluginFailure]) -> bool:
-    from hierarchy.config.stage import PLUGIN_API_VERSION
-
-    declared = getattr(plugin, API_ATTRIBUTE, PLUGIN_API_VERSION)
-    if declared == PLUGIN_API_VERSION:
-        return True
-    failures.append(PluginFailure(info, "api", (
-        f"declares {API_ATTRIBUTE} = {declared!r} but this hierarchy supports {PLUGIN_API_VERSION}; "
-        "install a plugin release built for this hierarchy version, or upgrade hierarchy")))
-    return False
-
-
-def _stage_problem(cls: object) -> str | None:
-    from hierarchy.config.stage import Stage, StageConfig
-
-    if not (inspect.isclass(cls) and issubclass(cls, Stage)):
-        return f"register() got {cls!r}, which is not a hierarchy.Stage subclass"
-    name = getattr(cls, "name", None)
-    if not isinstance(name, str) or not _NAME_RE.match(name):
-        return f"{cls.__qualname__}.name must be a lower-case identifier (letters, digits, _ or -), got {name!r}"
-    labels = getattr(cls, "labels", None)
-    if not isinstance(labels, (tuple, list)) or len(labels) < 2 or not all(isinstance(x, str) and x for x in labels):
-        return f"stage '{name}': labels must be a tuple of at least 2 non-empty strings, got {labels!r}"
-    if len(set(labels)) != len(labels) or "default" in labels:
-        return f"stage '{name}': labels must be unique and may not be the reserved word 'default': {labels!r}"
-    if not (inspect.isclass(cls.Config) and issubclass(cls.Config, StageConfig)):
-        return f"stage '{name}': Config must subclass hierarchy.StageConfig"
-    if inspect.isabstract(cls):
-        missing = ", ".join(sorted(cls.__abstractmethods__))
-        return f"stage '{name}': {cls.__qualname__} does not implement {missing}"
-    gone = [m for m in _REMOVED_HOOKS if m in vars(cls)]
-    if gone:  # an override the engine would silently ignore: say so instead
-        return (f"stage '{name}': {cls.__qualname__} overrides {', '.join(gone)}, which stages no longer have; "
-                "the shared builder and trainer read `sources` and `Config` (see docs/plugins.md)")
-    return _default_config_problem(cls)
-
-
-_REMOVED_HOOKS = ("build_dataset", "train")  # Stage methods of plugin API 1 before 0.2
-
-
-def _default_config_problem(cls: "type[Stage]") -> str | None:
-    from pydantic import ValidationError
-
-    from hierarchy.core.yamlio import pydantic_errors
-
-    try:
-        cls.Config()
-    except ValidationError as exc:
-        problems = "; ".join(f"{exc.title}.{line}" for line in pydantic_errors(exc, {}))
-        return f"stage '{cls.name}': its default config is invalid: {problems}"
-    return None
 
 
 _REGISTRY: Registry | None = None

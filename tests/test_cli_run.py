@@ -59,6 +59,7 @@ def test_run_mixed_inputs_and_errors_exit_3(setup, capsys, tmp_path):
 def test_run_csv_to_file_is_written(setup, tmp_path, capsys):
     pipe, imgs, _ = setup
     out = tmp_path / "out" / "res.csv"
+    out.parent.mkdir()  # a missing folder is an output fault (exit 4, tests/test_run_scale.py)
     assert main(["run", str(pipe), str(imgs), "--format", "csv", "-o", str(out)]) == 0
     assert capsys.readouterr().out == ""
     rows = list(csv.DictReader(io.StringIO(out.read_text())))

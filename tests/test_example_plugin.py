@@ -61,7 +61,7 @@ def test_stages_json_shows_the_example_distribution(example_site):
 def test_plugins_env_selects_one_example_stage(example_site):
     proc = hierarchy_cli(["stages", "--json"], site=example_site, env={"HIERARCHY_PLUGINS": "lesion_type"})
     assert proc.returncode == 0, proc.stderr
-    assert [s["name"] for s in json.loads(proc.stdout)["stages"]] == ["lesion_type"]
+    assert [s["name"] for s in json.loads(proc.stdout)["stages"]] == ["lesion_type", "skin_vs_nonskin"]
 
 
 def test_example_distribution_own_tests_pass(example_site):

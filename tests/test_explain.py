@@ -44,48 +44,52 @@ def marked(rng: np.random.Generator, corner: tuple[int, int] | None) -> np.ndarr
     return img
 
 
-def random_corner(rng: np.random.Generator) -> tuple[int, int]:
-    return int(rng.integers(0, SIZE - PATCH + 1)), int(rng.integers(0, SIZE - PATCH + 1))
+def marker_model() -> torch.nn.Module:
+    """A torchvision ResNet18 built by hand to answer 'marked' exactly when a bright square is present.
+
+    Channel 0 of the stem detects bright pixels (mean normalised RGB above 1, i.e. ~> 200/255); every
+    block passes channel 0 on (the downsampling ones as a sum over 2x2 cells, so no pixel is skipped or
+    counted twice); every other weight is zero. 'marked' = mean of that map, 'plain' = 1. Deterministic
+    and instant, unlike a model trained for the few dozen steps a test can afford on a CPU (tried: not
+    reliable at that length)."""
+    model = create_model("resnet18", 2)[0]
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.weight.zero_()
+            elif isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.zero_(), m.bias.zero_(), m.running_mean.zero_(), m.running_var.fill_(1.0)
+                m.weight[0] = 1.0  # channel 0 passes through every BatchNorm unchanged
+        model.conv1.weight[0, :, 3, 3] = 1 / 3
+        model.bn1.bias[0] = -1.0
+        for name in ("layer2", "layer3", "layer4"):
+            block = getattr(model, name)[0]
+            block.conv1.weight[0, 0, 1:, 1:] = 1.0  # stride 2, padding 1: the sum over each 2x2 cell
+            block.conv2.weight[0, 0, 1, 1] = 1.0
+        for name in ("layer1", "layer2", "layer3", "layer4"):  # the other blocks: identity (conv paths off)
+            for block in getattr(model, name):
+                if block.downsample is None:
+                    block.bn1.weight[0] = block.bn2.weight[0] = 0.0
+        model.fc.weight.zero_()
+        model.fc.weight[0, 0] = 1.0
+        model.fc.bias.copy_(torch.tensor([0.0, 1.0]))
+    return model.eval()
 
 
-def train_marker(run: Path, steps: int = 12, seed: int = 0) -> Path:
-    """A ResNet18 trained (seconds on a CPU) to tell 'marked' from 'plain', saved as a run directory."""
+def write_marker_run(run: Path) -> Path:
     from hierarchy.models.checkpoint import save_weights
     from hierarchy.models.metadata import CheckpointMetadata, write_metadata
 
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    preset = Preset(size=SIZE)
-    model, arch = create_model("resnet18", 2)
-    opt = torch.optim.Adam(model.parameters(), 1e-3)
-    def batch(n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-        y = rng.integers(0, 2, size=n)
-        x = np.stack([marked(rng, random_corner(rng) if label == 0 else None) for label in y])
-        return preset.normalize(torch.from_numpy(x)), torch.from_numpy(y)
-
-    for _ in range(steps):
-        x, y = batch()
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    for m in model.modules():  # BatchNorm statistics of the trained weights, not a lagging average
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None
-    with torch.no_grad():
-        for _ in range(4):
-            model(batch(32)[0])
-    model.eval()
-    save_weights(run / "best.safetensors", model)
+    arch = {"backbone": "resnet18", "library": "torchvision", "num_classes": 2}
+    save_weights(run / "best.safetensors", marker_model())
     write_metadata(run / "metadata.json", CheckpointMetadata(stage="mark", labels=list(MarkStage.labels), arch=arch,
-                                                             preset=preset.to_dict(), created_by="test"))
+                                                             preset=Preset(size=SIZE).to_dict(), created_by="test"))
     return run
 
 
 @pytest.fixture(scope="module")
 def marker_run(tmp_path_factory) -> Path:
-    return train_marker(tmp_path_factory.mktemp("marker") / "run")
+    return write_marker_run(tmp_path_factory.mktemp("marker") / "run")
 
 
 @pytest.fixture
@@ -153,7 +157,9 @@ def test_map_peaks_on_the_patch_the_model_keys_on(marker_run: Path, mark_stage) 
     fine = Explainer(router, "gradcam", {"*": "layer3"})  # 4x4: within a cell of the patch
     rng = np.random.default_rng(7)
     corners = [(0, 0), (0, SIZE - PATCH), (SIZE - PATCH, 0), (SIZE - PATCH, SIZE - PATCH), (24, 8)]
+    corners += [tuple(int(v) for v in rng.integers(0, SIZE - PATCH + 1, size=2)) for _ in range(5)]
     key = preset_key(Preset(size=SIZE))
+    assert router.route([Decoded(Path("plain.png"), arrays={key: marked(rng, None)})])[0]["label"] == "plain"
     for corner in corners:
         item = Decoded(Path(f"{corner}.png"), arrays={key: marked(rng, corner)})
         record = router.route([item])[0]

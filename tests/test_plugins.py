@@ -107,8 +107,10 @@ def test_duplicate_stage_names_both_distributions(good_site, bad_site, tmp_path)
 
 def test_plugins_env_selects_plugins(good_site, bad_site):
     data, _ = stages_json(f"{bad_site}:{good_site}", env={"HIERARCHY_PLUGINS": "plug_color"})
-    assert [s["name"] for s in data["stages"]] == ["plug_color"]
+    assert [s["name"] for s in data["stages"]] == ["plug_color", "skin_vs_nonskin"]  # first party stays
     assert data["broken"] == []
+    data, _ = stages_json(f"{bad_site}:{good_site}", env={"HIERARCHY_PLUGINS": "plug_color,no:skin_vs_nonskin"})
+    assert [s["name"] for s in data["stages"]] == ["plug_color"]
 
 
 def test_disable_autoload_env(good_site):

@@ -233,8 +233,8 @@ def test_files_from_lines_and_nul(pipe, tmp_path, capsys, monkeypatch):
 @pytest.mark.slow  # ~1-2 min on 2 cores (tracemalloc slows Python down ~3x)
 def test_files_from_200k_paths_streams_in_bounded_memory(pipe, tmp_path):
     """200,000 listed paths (all but 20 missing) through the whole run: the list is 8+ MB as text and
-    ~50 MB as Path objects; the run's peak of traced allocations (after a warm-up run has done the
-    imports) stays under 8 MB, so it was never held."""
+    ~50 MB as Path objects; the run's peak of traced allocations (after a warm-up run of 620 inputs
+    has done the imports) stays under 16 MiB (10.5 measured), so it was never held."""
     real = images(tmp_path / "imgs", 20)
     listing = tmp_path / "list.txt"
     with listing.open("w") as f:
@@ -243,7 +243,8 @@ def test_files_from_200k_paths_streams_in_bounded_memory(pipe, tmp_path):
     assert listing.stat().st_size > 8_000_000
     out = tmp_path / "out.jsonl"
     args = ["run", str(pipe), "--files-from", str(listing), "--format", "jsonl", "-o", str(out), "--batch-size", "256"]
-    warm = ["run", str(pipe), *map(str, real), tmp_path / "gone.jpg", "--format", "jsonl", "-o", str(tmp_path / "w")]
+    warm = ["run", str(pipe), *real, *(tmp_path / f"gone{i}.jpg" for i in range(600)), "--format", "jsonl", "-o",
+            tmp_path / "w"]  # over LONG_RUN inputs: imports torchvision's JPEG decoder, as the long run does
     script = tmp_path / "peak.py"
     script.write_text(DRIVER.replace("raise SystemExit(main(sys.argv[1:]))", f"main({list(map(str, warm))!r}); "
                       "import tracemalloc; tracemalloc.start(); rc = main(sys.argv[1:]); "
@@ -256,7 +257,7 @@ def test_files_from_200k_paths_streams_in_bounded_memory(pipe, tmp_path):
         assert sum(1 for _ in f) == 200_000
     peak = int(proc.stderr.strip().splitlines()[-1])
     print(f"peak traced memory over 200,000 paths: {peak / 2**20:.2f} MiB")
-    assert peak < 8 * 2**20, f"peak {peak / 2**20:.1f} MiB: the path list was held"
+    assert peak < 16 * 2**20, f"peak {peak / 2**20:.1f} MiB: the path list was held"
 
 
 def test_read_path_list_is_lazy(tmp_path):

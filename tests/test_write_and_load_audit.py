@@ -29,6 +29,10 @@ ALLOWED = {
                                                 "renamed into place as a whole",
     ("hierarchy/engine/bundle.py", "_extract"): "writes into the fresh private temporary directory a bundle is "
                                                 "opened in; every member is hash-checked before anything loads",
+    ("hierarchy/data/cache.py", "_build_lock"): "opens an empty lock file for flock; nothing is written to it",
+    ("hierarchy/engine/output.py", "recorded_paths"): "--resume truncates a torn last line of an append-only "
+                                                      "JSONL file: every complete record stays",
+    ("hierarchy/engine/ray_run.py", "_write_listing"): "a scratch path list in a private temporary directory",
 }
 
 

@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 TEMPLATE_DIR = ("templates", "new_stage")
 TEMPLATE_SUFFIX = ".tmpl"
 DEFAULT_LABELS = ("positive", "negative")
-NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+DIST_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$")  # PEP 508 project names
+PACKAGE_RE = re.compile(r"^[a-z_][a-z0-9_]*$")
 LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+\-]*$")
 RESERVED_LABELS = frozenset({"default"})  # a pipeline route key meaning "any other label"
 
@@ -37,18 +38,20 @@ class StageSpec:
 
     name: str
     labels: tuple[str, ...]
+    dist_name: str | None = None  # --dist; default hierarchy-NAME
+    package_name: str | None = None  # --package; default hierarchy_NAME
 
     @property
     def dist(self) -> str:
-        return "hierarchy-" + self.name.replace("_", "-")
+        return self.dist_name or "hierarchy-" + self.name.replace("_", "-")
 
     @property
     def package(self) -> str:
-        return "hierarchy_" + self.name
+        return self.package_name or "hierarchy_" + self.name.replace("-", "_")
 
     @property
     def class_name(self) -> str:
-        return "".join(part.capitalize() for part in self.name.split("_") if part)
+        return "".join(part.capitalize() for part in re.split(r"[_\-]", self.name) if part)
 
     def substitutions(self) -> dict[str, str]:
         from hierarchy import __version__
@@ -56,7 +59,7 @@ class StageSpec:
 
         return {"name": self.name, "dist": self.dist, "package": self.package, "cls": self.class_name,
                 "labels": "(" + ", ".join(f'"{lab}"' for lab in self.labels) + ")",
-                "label_list": ", ".join(self.labels), "api": str(PLUGIN_API_VERSION),
+                "label_list": ", ".join(self.labels), "api": str(PLUGIN_API_VERSION), "first": self.labels[0],
                 "requirement": plugin_requirement(__version__),
                 "tree": "\n".join(f"  {label}/    *.jpg, *.png, ..." for label in self.labels)}
 
@@ -68,23 +71,32 @@ def parse_labels(raw: str | None) -> tuple[str, ...]:
     return tuple(part.strip() for part in raw.split(","))
 
 
-def validate(name: str, labels: tuple[str, ...]) -> StageSpec:
-    """Check the stage name and labels; raise ConfigError listing every problem."""
+def validate(name: str, labels: tuple[str, ...], dist: str | None = None, package: str | None = None) -> StageSpec:
+    """Check the stage name (the rule ``register()`` applies), labels, distribution and package names;
+    raise ConfigError listing every problem."""
+    from hierarchy.config.stage import stage_name_problem
+
     errors = []
-    if not NAME_RE.match(name) or keyword.iskeyword(name):
-        errors.append(f"NAME: {name!r} is not a lower-case identifier (a-z first, then a-z, 0-9 or _)")
+    bad_name = stage_name_problem(name)
+    if bad_name:
+        errors.append(f"NAME: {bad_name}")
+    if dist is not None and not DIST_RE.match(dist):
+        errors.append(f"--dist: {dist!r} is not a distribution name (letters, digits, . _ -)")
+    if package is not None and (not PACKAGE_RE.match(package) or keyword.iskeyword(package)):
+        errors.append(f"--package: {package!r} is not a lower-case Python package name (a-z, 0-9, _)")
     if len(labels) < 2:
         errors.append(f"--labels: a stage needs at least 2 labels, got {list(labels)}")
-    dups = sorted({lab for lab in labels if labels.count(lab) > 1})
+    folded = [lab.casefold() for lab in labels]
+    dups = sorted({lab for lab in labels if folded.count(lab.casefold()) > 1})
     if dups:
-        errors.append(f"--labels: duplicate label(s) {dups}")
+        errors.append(f"--labels: duplicate label(s) {dups} (labels are folder names: they may not differ only in case)")
     for lab in dict.fromkeys(labels):
         if not LABEL_RE.match(lab) or lab in RESERVED_LABELS:
             errors.append(f"--labels: {lab!r} is not usable as a label and folder name (letters, digits, _ . + -; "
                           "not 'default')")
     if errors:
         raise ConfigError("hierarchy new-stage", errors)
-    return StageSpec(name, labels)
+    return StageSpec(name, labels, dist, package)
 
 
 def render(spec: StageSpec) -> dict[str, str]:
@@ -162,5 +174,7 @@ def _umask() -> int:
 def plugin_requirement(version: str) -> str:
     """``0.2.0.dev3`` -> ``hierarchy-cascade>=0.2,<0.3``: the one way a plugin depends on this project
     (its minor release line: the plugin API may change between minor releases before 1.0)."""
+    from hierarchy.registry.manager import FIRST_PARTY_DIST
+
     major, minor = (int(n) for n in (re.findall(r"\d+", version) + ["0", "0"])[:2])
-    return f"hierarchy-cascade>={major}.{minor},<{major}.{minor + 1}"
+    return f"{FIRST_PARTY_DIST}>={major}.{minor},<{major}.{minor + 1}"

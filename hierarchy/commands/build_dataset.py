@@ -36,6 +36,13 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out or Path("datasets") / cls.name)
     summary = build_dataset(config.dataset, out, labels=cls.labels, stage=cls.name, roots=roots)
     print(json.dumps({"out": str(out), "counts": summary.get("counts"), "problems": _problem_counts(summary)}, indent=2))
+    if not summary.get("num_items"):
+        from hierarchy.core.errors import ConfigError
+
+        where = [f"dataset.sources.{i} ({s.key}): root {Path(roots.get(s.key) or s.root).absolute()}"
+                 for i, s in enumerate(config.dataset.sources)]
+        raise ConfigError(f"hierarchy build-dataset {cls.name}", [
+            "no images found; relative roots are resolved against the working directory", *where])
     return 0
 
 

@@ -25,8 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="hierarchy", description="Hierarchical image classification: chain classifier stages, "
         "route each image by predicted label, abstain when unsure.")
     parser.add_argument("--version", action="version", version=f"hierarchy {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging on stderr")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
+    add_global_flags(parser, top=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         try:
@@ -36,7 +35,18 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue  # command not built into this version
         module.add_parser(sub)
+    for command in dict.fromkeys(sub.choices.values()):  # `hierarchy run -q ...` as well as `hierarchy -q run ...`
+        add_global_flags(command, top=False)
     return parser
+
+
+def add_global_flags(parser: argparse.ArgumentParser, top: bool) -> None:
+    """-v/-q, accepted before and after the subcommand (a subcommand's copy defaults to SUPPRESS, so
+    it only overrides what was given before the subcommand when given itself)."""
+    parser.add_argument("-v", "--verbose", action="count", default=0 if top else argparse.SUPPRESS,
+                        help="more logging on stderr")
+    parser.add_argument("-q", "--quiet", action="store_true", default=False if top else argparse.SUPPRESS,
+                        help="only warnings and errors on stderr")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

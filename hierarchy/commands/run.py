@@ -44,6 +44,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("hierarchy run", ["INPUT: give at least one input or --files-from FILE"])
     if args.resume and (args.format != "jsonl" or args.output in (None, "-")):
         raise ConfigError("hierarchy run", ["--resume: needs --format jsonl -o FILE (only jsonl output streams)"])
+    if args.ray and getattr(args, "explain", None):
+        raise ConfigError("hierarchy run", ["--explain: not available with --ray"])
     check_output(args.output, args.resume)  # before any model loads or image decodes
     pipe = load_pipeline(args.pipeline)
     done = recorded_paths(args.output) if args.resume else set()

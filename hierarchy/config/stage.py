@@ -8,6 +8,8 @@ trainer (``hierarchy.train.trainer.train_stage``) and the engine's shared predic
 """
 from __future__ import annotations
 
+import keyword
+import re
 from abc import ABC
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,16 @@ if TYPE_CHECKING:
     from hierarchy.data.preset import Preset
 
 PLUGIN_API_VERSION = 1
+# the one naming rule for stages, shared by register() and `hierarchy new-stage`
+STAGE_NAME_RE = re.compile(r"^[a-z][a-z0-9_\-]*$")
+STAGE_NAME_RULE = "a lower-case name: a-z first, then a-z, 0-9, _ or -"
+
+
+def stage_name_problem(name: object) -> str | None:
+    """None when ``name`` is a valid stage name, else why not."""
+    if not isinstance(name, str) or not STAGE_NAME_RE.match(name) or keyword.iskeyword(name):
+        return f"{name!r} is not {STAGE_NAME_RULE}"
+    return None
 
 
 @dataclass

@@ -29,7 +29,10 @@ class UnknownStageError(HierarchyError, KeyError):
 
 
 class PluginError(HierarchyError):
-    """A plugin failed to import, raised in a hook or registered an invalid stage."""
+    """A plugin failed to import, raised in a hook or registered an invalid stage, or two plugins
+    register one stage name. A configuration problem: exit 2."""
+
+    exit_code = 2
 
 
 class ImageError(HierarchyError):
@@ -44,7 +47,10 @@ class ImageError(HierarchyError):
 
 
 class CheckpointError(HierarchyError):
-    """A checkpoint or its metadata is missing, unsafe, corrupt or does not match the stage."""
+    """A checkpoint or its metadata is missing, unsafe, corrupt or does not match the stage: the
+    pipeline or command points at the wrong file, a configuration problem (exit 2)."""
+
+    exit_code = 2
 
     def __init__(self, path: object, message: str):
         self.path = path
@@ -63,6 +69,12 @@ class EngineError(HierarchyError):
 
 class DatasetError(HierarchyError):
     """A dataset (manifest, ImageFolder tree or source) cannot be used."""
+
+
+class LabelMismatchError(DatasetError):
+    """Labelled evaluation data whose labels the pipeline's stages do not have (exit 2, a usage error)."""
+
+    exit_code = 2
 
 
 class PretrainedWeightsError(CheckpointError):

@@ -127,12 +127,13 @@ def _check_draft_size(draft_size: int | None) -> None:
         raise ValueError(f"draft_size must be >= 1, got {draft_size}")
 
 
-def iter_image_files(root: str | os.PathLike) -> Iterator[Path]:
+def iter_image_files(root: str | os.PathLike, follow_links: bool = False) -> Iterator[Path]:
     """Yield ``root`` if it is a file, else every image file under it (by suffix).
 
     Directories are walked depth-first with the entries of each sorted by name (so the order
-    is deterministic); directory symlinks are not followed, unreadable directories are
-    skipped. A missing or unreadable root raises :class:`ImageError`.
+    is deterministic); directory symlinks are followed only with ``follow_links`` (each real
+    directory once, so a link loop ends), unreadable directories are skipped. A missing or
+    unreadable root raises :class:`ImageError`.
     """
     root_path = Path(root)
     try:
@@ -144,11 +145,13 @@ def iter_image_files(root: str | os.PathLike) -> Iterator[Path]:
         return
     # An explicit stack instead of recursion: arbitrarily deep trees cannot hit RecursionError.
     stack = [iter(_sorted_entries(root_path))]
+    seen = {_dir_key(root_path)}
     while stack:
         entry = next(stack[-1], None)
         if entry is None:
             stack.pop()
-        elif _is_real_dir(entry):
+        elif _is_real_dir(entry) or (follow_links and _is_linked_dir(entry) and _dir_key(entry.path) not in seen):
+            seen.add(_dir_key(entry.path))
             stack.append(iter(_sorted_entries(entry.path)))
         elif _is_image_file(entry):
             yield Path(entry.path)
@@ -167,6 +170,21 @@ def _is_real_dir(entry: os.DirEntry) -> bool:
         return entry.is_dir(follow_symlinks=False)
     except OSError:
         return False
+
+
+def _is_linked_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_symlink() and entry.is_dir()
+    except OSError:
+        return False
+
+
+def _dir_key(path: str | os.PathLike) -> tuple[int, int]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (-1, -1)
+    return (st.st_dev, st.st_ino)
 
 
 def _is_image_file(entry: os.DirEntry) -> bool:

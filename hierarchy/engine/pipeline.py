@@ -29,7 +29,7 @@ class StageNode(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    stage: StrictStr
+    stage: StrictStr  # a registered stage name (`hierarchy stages`)
     weights: Optional[StrictStr] = None  # checkpoint file or run directory; relative to the YAML file
     threshold: Optional[Threshold] = None  # top-1 probability below this -> abstain; auto = stored value
     ood: Union[Literal["auto", "off"], StrictFloat, StrictInt] = "auto"  # out-of-distribution reject
@@ -42,10 +42,10 @@ class StageNode(BaseModel):
 class Pipeline(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: StrictStr
+    name: StrictStr  # names the run and the evaluation output folder
     description: Optional[StrictStr] = None
-    root: StrictStr
-    stages: dict[StrictStr, StageNode] = Field(min_length=1)
+    root: StrictStr  # the stage id every image starts at
+    stages: dict[StrictStr, StageNode] = Field(min_length=1)  # stage id -> node
     base_dir: Path = Field(default=Path("."), exclude=True)  # directory of the YAML file
 
     def route(self, stage_id: str, label: str) -> str:
@@ -180,6 +180,9 @@ def _node_errors(sid: str, node: StageNode, pipe: Pipeline, lines: dict[Loc, int
         if label not in labels:
             errors.append(with_line(loc + ("decide", label), f"'{label}' is not a label of stage "
                                     f"'{node.stage}' (labels: {', '.join(labels)})", lines))
+    from hierarchy.engine.weights_check import weights_errors
+
+    errors += weights_errors(pipe, sid, reg.get(node.stage), lines)
     uncovered = [lab for lab in labels if lab not in node.routes]
     if uncovered and DEFAULT_ROUTE not in node.routes:
         errors.append(with_line(loc + ("routes",), f"no route for label(s) {', '.join(uncovered)}; "

@@ -51,13 +51,12 @@ def ray_records(pipeline: str, paths: Iterable[Path], address: str | None = LOCA
         if n == 0:
             return
         _init(ray, address)
-        gpus = _gpus(ray, device)
-        actors = actors or max(1, gpus or int(ray.available_resources().get("CPU", 1)) // 2 or 1)
-        cpus = 0 if gpus else max(1, int(ray.available_resources().get("CPU", 1)) // actors)
+        gpus, actors, cpus = _placement(ray, device, actors)
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # records in input order, as the plain run writes them
         ds = ray.data.read_text(str(listing)).map_batches(
-            RouteActor, batch_size=batch_size * 4, batch_format="numpy", concurrency=actors,
+            RouteActor, batch_size=batch_size * 4, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=actors),
             num_cpus=cpus, num_gpus=1 if gpus else 0,
             fn_constructor_kwargs={"pipeline": str(pipeline), "batch_size": batch_size, "device": device,
                                    "precision": precision, "engine": engine, "workers": max(1, cpus)})
@@ -94,7 +93,14 @@ def _init(ray: Any, address: str | None) -> None:
         ray.init(address=address, log_to_driver=False, configure_logging=False)
 
 
-def _gpus(ray: Any, device: str) -> int:
-    if device.split(":")[0] not in ("auto", "cuda"):
-        return 0
-    return int(ray.available_resources().get("GPU", 0))
+def _placement(ray: Any, device: str, actors: int | None) -> tuple[int, int, int]:
+    """(GPUs, actors, CPUs per actor): one actor per GPU, else one per group of 2 cores (1 on <= 3
+    cores), always leaving a core for the read tasks (an actor holding every CPU starves them)."""
+    free = ray.available_resources()
+    gpus = int(free.get("GPU", 0)) if device.split(":")[0] in ("auto", "cuda") else 0
+    total = max(1, int(free.get("CPU", 1)))
+    if gpus:
+        return gpus, actors or gpus, 0
+    per = 1 if total <= 3 else 2
+    actors = actors or max(1, (total - 1) // per)
+    return 0, actors, max(1, min(per, (total - 1) // actors))

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
-from hierarchy.core.errors import DatasetError
+from hierarchy.core.errors import DatasetError, LabelMismatchError
 from hierarchy.engine.pipeline import STOP, Pipeline
 
 if TYPE_CHECKING:
@@ -171,7 +171,7 @@ def assign_truth(samples: Sequence["Sample"], hier: Hierarchy, columns: Sequence
             problems[str(exc)] = None
     if problems:
         listed = list(problems)
-        raise DatasetError("evaluation data does not match the pipeline:\n  " + "\n  ".join(listed[:10])
+        raise LabelMismatchError("evaluation data does not match the pipeline:\n  " + "\n  ".join(listed[:10])
                            + (f"\n  ... and {len(listed) - 10} more" if len(listed) > 10 else ""))
     info = {"explicit_columns": used, "ignored_columns": [c for c in columns if c not in hier.labels],
             "warnings": sorted(warnings), "per_stage": dict(Counter(sid for t in truths for sid in t.stages)),

@@ -97,7 +97,7 @@ def accepted_mask(st: "LoadedStage", conf: np.ndarray, ood: np.ndarray | None,
     (never abstained)."""
     ok = np.ones(len(conf), dtype=bool)
     if st.ood_threshold is not None and ood is not None:
-        ok &= ood <= st.ood_threshold
+        ok &= np.ravel(ood) <= st.ood_threshold  # (0, 1) when no item reached the stage
     if st.threshold is not None:
         ok &= (conf >= st.threshold) | (forced if forced is not None else False)
     return ok

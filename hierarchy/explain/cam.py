@@ -148,7 +148,7 @@ class Explainer:
                 out.append(Explanation(sid, label, False, note=cam))
                 continue
             heat = cam.heatmap(item.array(cam.preset), label)
-            out.append(Explanation(sid, label, True, self.method, cam.layer_name, self._note(sid), heat,
+            out.append(Explanation(sid, label, True, self.method, cam.layer_name, self._note(sid, heat), heat,
                                    overlay(item.array(cam.preset), heat)))
         return out
 
@@ -181,11 +181,14 @@ class Explainer:
         return CamModel(build_model(ckpt.meta, ckpt.weights), ckpt.preset, list(predictor.labels), self.method,
                         layer, self.device)
 
-    def _note(self, sid: str) -> str | None:
+    def _note(self, sid: str, heat: np.ndarray) -> str | None:
+        notes = []
         engine = getattr(self.router.stages[sid].predictor, "engine", "torch")
-        if engine == "torch":
-            return None
-        return f"the {engine} engine has no gradients: drawn with the torch model of the same weights (fp32)"
+        if engine != "torch":
+            notes.append(f"the {engine} engine has no gradients: drawn with the torch model of the same weights (fp32)")
+        if not heat.any():
+            notes.append("the map is empty: no region of the image raised this label's score")
+        return "; ".join(notes) or None
 
 
 def parse_layers(specs: list[str] | None) -> dict[str, str]:

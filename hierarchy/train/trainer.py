@@ -21,6 +21,7 @@ from hierarchy.data.preset import Preset
 from hierarchy.train import distributed
 from hierarchy.train.loader import make_loaders
 from hierarchy.train.recipe import lr_at, make_ema, make_optimizer, set_lr, train_preset
+from hierarchy.train.rundir import new_run_dir, removed_on_failure
 
 if TYPE_CHECKING:
     from hierarchy.config.stage import Stage
@@ -46,7 +47,15 @@ class RunState:
 
 def train_stage(stage: "Stage", data: Path | None, out: Path | None = None, *, resume: Path | None = None,
                 progress: bool = True) -> Path:
-    """Train ``stage`` with ``stage.config.train``; returns the run directory."""
+    """Train ``stage`` with ``stage.config.train``; returns the run directory (removed again if the run
+    fails before saving a checkpoint, see :mod:`hierarchy.train.rundir`)."""
+    created: list[Path] = []
+    with removed_on_failure(created):
+        return _train_stage(stage, data, out, resume, progress, created)
+
+
+def _train_stage(stage: "Stage", data: Path | None, out: Path | None, resume: Path | None, progress: bool,
+                 created: list[Path]) -> Path:
     from hierarchy.models.checkpoint import load_train_state
     from hierarchy.models.device import select_device, select_precision
 
@@ -61,7 +70,8 @@ def train_stage(stage: "Stage", data: Path | None, out: Path | None = None, *, r
     if data is None:
         raise DatasetError("no training data: pass --data DIR (a build-dataset output or a train/ + val/ tree)")
     if run_dir is None:  # only rank 0 creates it; the others are told its name
-        run_dir = distributed.broadcast(_new_run_dir(Path(out or cfg.out) / stage.name, cfg.name) if dinfo.main else None)
+        run_dir = distributed.broadcast(new_run_dir(Path(out or cfg.out) / stage.name, cfg.name) if dinfo.main else None)
+        created += [run_dir] if dinfo.main else []
     torch.manual_seed(cfg.seed)
     device = select_device(device_name)
     precision = select_precision(device, cfg.precision)  # auto: bf16 autocast on AMX/AVX512-BF16 CPUs and CUDA
@@ -353,16 +363,6 @@ def _restore(raw: dict, stage: "Stage") -> tuple[RunState, dict, dict]:
                              f"{raw.get('labels')}, not '{stage.name}' {list(stage.labels)}")
     st = RunState(raw["epoch"], raw["best_epoch"], raw["best_val_loss"], list(raw["history"]), raw.get("stale_epochs", 0))
     return st, raw["model"], raw["optimizer"]
-
-
-def _new_run_dir(base: Path, name: str) -> Path:
-    """runs/<stage>/<name>, then <name>2, <name>3... (never overwrite an earlier run)."""
-    for i in range(1, 10_000):
-        cand = base / (name if i == 1 else f"{name}{i}")
-        if not cand.exists():
-            cand.mkdir(parents=True)
-            return cand
-    raise HierarchyError(f"too many runs named {name} under {base}")
 
 
 def _best(state: RunState) -> dict[str, Any]:

@@ -24,9 +24,9 @@ class Source(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: str
-    name: Optional[str] = None
-    root: Path
-    max_images: Optional[int] = Field(default=None, ge=1, strict=True)
+    name: Optional[str] = None  # its key for `--source NAME=DIR` (default: its type); two of one type need one
+    root: Path  # a relative root is resolved against the working directory `hierarchy` runs in
+    max_images: Optional[int] = Field(default=None, ge=1, strict=True)  # cap, applied whole groups at a time
 
     @property
     def key(self) -> str:
@@ -49,9 +49,10 @@ class Source(BaseModel):
 
 def scan_images(root: Path, exclude: Path | None = None) -> list[str]:
     """Absolute paths of the image files under ``root``, minus those under ``exclude``, in a
-    deterministic order (directory symlinks are not followed)."""
+    deterministic order. Directory symlinks are followed (``ln -s /data/texture root/texture`` is how
+    label folders are often assembled), each real directory once; paths keep the link's name."""
     from hierarchy.data.imageio import iter_image_files
 
     skip = None if exclude is None else os.path.abspath(exclude) + os.sep
-    files = (os.path.abspath(p) for p in iter_image_files(root))
+    files = (os.path.abspath(p) for p in iter_image_files(root, follow_links=True))
     return [f for f in files if skip is None or not f.startswith(skip)]

@@ -15,8 +15,8 @@ class FolderSource(Source):
 
     type: Literal["folder"] = "folder"
     root: Path
-    label: Optional[str] = None
-    split: Optional[Literal["train", "val", "test"]] = None
+    label: Optional[str] = None  # for every image; unset: the first sub-folder name (symlinks followed)
+    split: Optional[Literal["train", "val", "test"]] = None  # pin every image to this split
 
     def collect(self, root: Path, problems: Problems, *, exclude: Path | None = None) -> list[Item]:
         base = os.path.abspath(root)

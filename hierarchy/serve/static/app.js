@@ -116,7 +116,8 @@ function stepView(step, index, explanation) {
 
 function card(rec, file) {
   const [headline, detail] = verdict(rec);
-  const thumb = el("img", { class: "thumb", alt: rec.path, src: URL.createObjectURL(file) });
+  const thumb = rec.status === "error" ? el("div", { class: "thumb none" }, "no preview")
+    : el("img", { class: "thumb", alt: rec.path, src: URL.createObjectURL(file) });
   const steps = el("ol", { class: "steps" });
   const maps = rec.explanations || [];
   rec.trace.forEach((step, i) => steps.append(stepView(step, i, maps[i])));
