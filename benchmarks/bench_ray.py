@@ -23,7 +23,7 @@ from _common import hierarchy_cmd, load, make_jpegs, timed_subprocess, write_che
 def machine() -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    return (f"{cpu}; {len(os.sched_getaffinity(0))} usable of {os.cpu_count()} CPUs; load {load()}; "
+    return (f"{cpu}; {len(os.sched_getaffinity(0))} usable of {os.cpu_count()} CPUs; {load()}; "
             f"python {platform.python_version()}")
 
 

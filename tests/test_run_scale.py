@@ -226,8 +226,11 @@ def test_files_from_lines_and_nul(pipe, tmp_path, capsys, monkeypatch):
     assert main(["run", str(pipe), "--files-from", "-", "--format", "jsonl"]) == 3
     recs = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert [r["status"] for r in recs] == ["ok", "error"] and recs[1]["error"]["type"] == "not_found"
-    assert main(["run", str(pipe), "--files-from", str(tmp_path / "nope.txt")]) == 1
+    (tmp_path / "kept.jsonl").write_text("{}\n")
+    assert main(["run", str(pipe), "--files-from", str(tmp_path / "nope.txt"), "--format", "jsonl", "-o",
+                 str(tmp_path / "kept.jsonl")]) == 2
     assert "nope.txt" in capsys.readouterr().err
+    assert (tmp_path / "kept.jsonl").read_text() == "{}\n"  # found before the output was opened
 
 
 @pytest.mark.slow  # ~1-2 min on 2 cores (tracemalloc slows Python down ~3x)

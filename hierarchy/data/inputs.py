@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator
 
-from hierarchy.core.errors import DatasetError
+from hierarchy.core.errors import ConfigError
 from hierarchy.data.imageio import iter_image_files
 
 _GLOB_CHARS = set("*?[")
@@ -42,15 +42,19 @@ def read_path_list(source: str | os.PathLike, nul: bool = False) -> Iterator[str
     """Paths from a list file (``-`` = stdin), one per line, or NUL-separated with ``nul``; read a
     chunk at a time, so a list of millions is never held whole. Bytes are decoded like the OS does
     (surrogate escapes for non-UTF-8 names); empty entries are skipped, a trailing ``\\r`` is not
-    stripped (it can be part of a name). A missing list is a :class:`DatasetError`."""
+    stripped (it can be part of a name). The list is opened now: one that cannot be read is a
+    :class:`ConfigError` before any work (and before ``-o`` is touched)."""
     sep = b"\0" if nul else b"\n"
     if str(source) == "-":
-        yield from _split(sys.stdin.buffer, sep)
-        return
+        return _split(sys.stdin.buffer, sep)
     try:
         f = open(source, "rb")
     except OSError as exc:
-        raise DatasetError(f"--files-from {source}: {exc.strerror or exc}") from exc
+        raise ConfigError("--files-from", [f"{source}: {exc.strerror or exc}"]) from exc
+    return _closing(f, sep)
+
+
+def _closing(f: BinaryIO, sep: bytes) -> Iterator[str]:
     with f:
         yield from _split(f, sep)
 
