@@ -173,6 +173,25 @@ def test_map_peaks_on_the_patch_the_model_keys_on(marker_run: Path, mark_stage) 
     assert coarse.model("mark").layer_name == "layer4" and fine.model("mark").layer_name == "layer3"
 
 
+def test_a_stage_without_a_feature_map_is_reported_not_fatal(marker_run: Path, mark_stage,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from hierarchy.data.batches import Decoded, preset_key
+    from hierarchy.engine.pipeline import load_pipeline
+    from hierarchy.engine.router import Router
+    from hierarchy.explain import layers
+    from hierarchy.explain.cam import Explainer
+
+    def no_map(model, size):
+        raise HierarchyError("ViT has no convolutional feature map to explain")
+    monkeypatch.setattr(layers, "last_feature_map", no_map)
+    router = Router.from_pipeline(load_pipeline(write_pipeline(marker_run.parent, marker_run)), device="cpu")
+    item = Decoded(Path("x.png"), arrays={preset_key(Preset(size=SIZE)): marked(np.random.default_rng(1), (0, 0))})
+    (exp,) = Explainer(router).preload().explain(router.route([item])[0], item)
+    assert not exp.available and exp.note == "explanation not available: ViT has no convolutional feature map to explain"
+    with pytest.raises(HierarchyError, match="layer9"):  # a layer the user named must exist
+        Explainer(router, layers={"mark": "layer9"}).preload()
+
+
 def test_onnx_engine_falls_back_to_torch_for_the_map(marker_run: Path, mark_stage, tmp_path: Path) -> None:
     pytest.importorskip("onnxruntime")
     from hierarchy.data.batches import Decoded, preset_key

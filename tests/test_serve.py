@@ -122,13 +122,14 @@ def test_ready_is_503_until_the_pipeline_is_loaded(marker_pipeline: Path, mark_s
 
 
 def test_failed_load_shows_on_ready(tmp_path: Path, mark_stage) -> None:
-    pipe = write_pipeline(tmp_path, tmp_path / "missing-run")
-    tc, service = make_client(pipe, load=False)
+    run = write_marker_run(tmp_path / "run")
+    (run / "best.safetensors").write_bytes(b"\x80\x04 not weights at all")  # exists, fails to load
+    tc, service = make_client(write_pipeline(tmp_path, run), load=False)
     with tc:
         with pytest.raises(Exception):
             service.load()
         body = tc.get("/ready").json()
-        assert body["ready"] is False and "missing-run" in body["error"]
+        assert body["ready"] is False and "best.safetensors" in body["error"] and "pickle" in body["error"]
 
 
 def metric(text: str, name: str, **labels: str) -> float:

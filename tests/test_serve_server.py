@@ -26,8 +26,9 @@ def demo(tmp_path_factory) -> Path:
     """The demo's pipeline (trained for 2 steps on generated images) and its held-back images."""
     from hierarchy.commands._demo import SMALL, run_demo
 
-    out = tmp_path_factory.mktemp("demo") / "demo"
-    run_demo(out, SMALL, device="cpu")
+    out = tmp_path_factory.getbasetemp() / "serve-demo"  # one per session, though two modules import this
+    if not (out / "pipeline.yaml").is_file():
+        run_demo(out, SMALL, device="cpu")
     return out
 
 

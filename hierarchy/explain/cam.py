@@ -9,6 +9,7 @@ plugin loads a predictor of its own has no checkpoint to explain; its entry says
 from __future__ import annotations
 
 import base64
+import importlib.util
 import io
 import logging
 import threading
@@ -130,6 +131,8 @@ class Explainer:
     def __init__(self, router: "Router", method: str = DEFAULT_METHOD, layers: Mapping[str, str] | None = None,
                  device: str = "cpu"):
         check_method(method)
+        if importlib.util.find_spec("pytorch_grad_cam") is None:
+            raise HierarchyError("explanations need the grad-cam package: pip install 'hierarchy-cascade[serve]'")
         unknown = sorted(set(layers or {}) - set(router.stages) - {ALL_STAGES})
         if unknown:
             raise HierarchyError(f"--explain-layer names unknown stage(s) {', '.join(unknown)} "
@@ -177,9 +180,16 @@ class Explainer:
                     f"({type(predictor).__name__}), which has no checkpoint to explain")
         ckpt = Checkpoint.open(weights)
         layer = self.layers.get(sid, self.layers.get(ALL_STAGES))
-        log.info("explain %s: %s on %s", sid, self.method, layer or "the last feature map")
-        return CamModel(build_model(ckpt.meta, ckpt.weights), ckpt.preset, list(predictor.labels), self.method,
-                        layer, self.device)
+        try:
+            cam = CamModel(build_model(ckpt.meta, ckpt.weights), ckpt.preset, list(predictor.labels), self.method,
+                           layer, self.device)
+        except HierarchyError as exc:
+            if layer:  # a layer the user named is a usage error
+                raise
+            log.warning("stage %s cannot be explained: %s", sid, exc)
+            return f"explanation not available: {exc}"
+        log.info("explain %s: %s on %s", sid, self.method, cam.layer_name)
+        return cam
 
     def _note(self, sid: str, heat: np.ndarray) -> str | None:
         notes = []
