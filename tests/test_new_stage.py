@@ -45,9 +45,12 @@ def test_default_dir_and_labels(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["Acne"], "'Acne' is not a lower-case identifier"),
-    (["acne-type"], "'acne-type' is not a lower-case identifier"),
-    (["1acne"], "is not a lower-case identifier"),
+    (["Acne"], "'Acne' is not a lower-case name"),
+    (["acne type"], "'acne type' is not a lower-case name"),  # hyphens are fine, as in register()
+    (["1acne"], "is not a lower-case name"),
+    (["acne", "--labels", "a,A"], "may not differ only in case"),
+    (["acne", "--dist", "bad name"], "--dist: 'bad name' is not a distribution name"),
+    (["acne", "--package", "bad-pkg"], "--package: 'bad-pkg' is not a lower-case Python package name"),
     (["acne", "--labels", "a"], "at least 2 labels"),
     (["acne", "--labels", "a,b,a"], "duplicate label(s) ['a']"),
     (["acne", "--labels", "a,,b"], "'' is not usable as a label"),

@@ -164,7 +164,7 @@ def test_export_usage_errors_exit_2(exported: Path, tmp_path: Path, capsys: pyte
     pipe = pipeline(tmp_path, exported)
     assert main(["export", str(pipe), "--out", str(tmp_path / "x.onnx")]) == 2
     assert main(["export", str(exported), "--out", str(tmp_path / "x.bin")]) == 2
-    assert main(["export", str(tmp_path / "nowhere")]) == 1
+    assert main(["export", str(tmp_path / "nowhere")]) == 2  # a checkpoint error: exit 2 like every config error
     err = capsys.readouterr().err
     assert "--out applies to one run directory" in err and "must end in .onnx" in err and "nowhere" in err
 
@@ -251,7 +251,7 @@ def test_stale_missing_or_replaced_exports_are_refused(exported: Path, images: l
     shutil.copytree(exported, run, ignore=shutil.ignore_patterns("best.onnx"))
     pipe = pipeline(tmp_path, run)
     one = [str(images[0]), "--format", "jsonl", "--engine", "onnx"]
-    assert main(["-q", "run", str(pipe), *one]) == 1
+    assert main(["-q", "run", str(pipe), *one]) == 2
     assert "best.onnx: exported model not found; create it with `hierarchy export" in capsys.readouterr().err
     assert main(["export", str(pipe)]) == 0  # a pipeline: every stage's run dir
     assert "stages: gate" in capsys.readouterr().out
@@ -259,12 +259,12 @@ def test_stale_missing_or_replaced_exports_are_refused(exported: Path, images: l
     state = load_file(str(run / "best.safetensors"))
     state["fc.bias"] += 1.0
     save_weights(run / "best.safetensors", state)
-    assert main(["-q", "run", str(pipe), *one]) == 1
+    assert main(["-q", "run", str(pipe), *one]) == 2
     err = capsys.readouterr().err
     assert "stale export" in err and f"re-run `hierarchy export {run}`" in err
     assert main(["export", str(run)]) == 0 and main(["-q", "run", str(pipe), *one]) == 0
     (run / "best.onnx").write_bytes((exported / "best.onnx").read_bytes()[:-10] + b"0123456789")
-    assert main(["-q", "run", str(pipe), *one]) == 1
+    assert main(["-q", "run", str(pipe), *one]) == 2
     assert "not the file recorded in metadata.json" in capsys.readouterr().err
 
 

@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out or Path("datasets") / cls.name)
     summary = build_dataset(config.dataset, out, labels=cls.labels, stage=cls.name, roots=roots)
     print(json.dumps({"out": str(out), "counts": summary.get("counts"), "problems": _problem_counts(summary)}, indent=2))
-    if not summary.get("num_items"):
+    if summary.get("num_items") == 0:
         from hierarchy.core.errors import ConfigError
 
         where = [f"dataset.sources.{i} ({s.key}): root {Path(roots.get(s.key) or s.root).absolute()}"

@@ -170,6 +170,6 @@ def resolve_checkpoint(weights: str | Path) -> tuple[Path, Path]:
 def check_stage(meta: CheckpointMetadata, stage_name: str, labels: Sequence[str], path: str | Path) -> None:
     """The checkpoint must be for ``stage_name`` with exactly ``labels``, in order."""
     if meta.stage != stage_name or list(meta.labels) != list(labels):
-        hint = " (same labels, different order)" if sorted(meta.labels) == sorted(labels) else ""
+        hint = " (same labels, different order)" if meta.stage == stage_name and sorted(meta.labels) == sorted(labels) else ""
         raise CheckpointError(path, f"checkpoint is for stage '{meta.stage}' with labels {list(meta.labels)}, "
                               f"pipeline stage '{stage_name}' expects {list(labels)}{hint}")
