@@ -297,3 +297,20 @@ def test_only_long_torch_runs_import_torchvision(monkeypatch: pytest.MonkeyPatch
         kept, got = router._maybe_fast_jpeg(iter(paths[:n]), torch_engine)
         assert list(kept) == paths[:n] and got == thread
     assert started == [True]
+
+
+def test_long_runs_on_the_torch_engine_use_the_torchvision_decoder() -> None:
+    """The shared Predictor takes numpy batches on every engine, so 'does this run import torch' is
+    asked of its engine, not of its batch format."""
+    from fakes import FakePredictor
+
+    from hierarchy.engine.router import runs_on_torch
+
+    model = create_model("resnet18", 2)[0].eval()
+    assert runs_on_torch(Predictor.from_torch(model, ("a", "b"), Preset(size=SIZE), device="cpu", precision="fp32"))
+    assert runs_on_torch(FakePredictor("f", ("a", "b"), lambda m: m[:, :2]))  # takes torch batches
+
+    class NumpyOnly(FakePredictor):
+        batch_format = "numpy"
+
+    assert not runs_on_torch(NumpyOnly("f", ("a", "b"), lambda m: m[:, :2]))

@@ -159,7 +159,7 @@ class Router:
         """Stream records for ``paths``: decode batch k+1 in a thread pool while batch k is routed
         (:func:`hierarchy.data.batches.decode_batches`). Memory is bounded by two batches, whatever
         the number of inputs."""
-        torch_engine = any(batch_format(st.predictor) == "torch" for st in self.stages.values())
+        torch_engine = any(runs_on_torch(st.predictor) for st in self.stages.values())
         paths, importing = _maybe_fast_jpeg(iter(paths), torch_engine)
         batches = decode_batches(paths, functools.partial(self.decode, draft=draft), batch_size, workers)
         try:
@@ -192,6 +192,12 @@ def batch_format(predictor: "Predictor") -> str:
     """``"torch"`` (a uint8 torch tensor, the default for every predictor) or ``"numpy"``: what a
     predictor's ``batch_format`` attribute asks ``predict`` to be given."""
     return getattr(predictor, "batch_format", "torch")
+
+
+def runs_on_torch(predictor: "Predictor") -> bool:
+    """Whether ``predictor`` imports torch anyway (the torch engine, or a plugin predictor that takes
+    torch batches); the shared Predictor takes numpy batches whatever its engine, so ask its engine."""
+    return batch_format(predictor) == "torch" or getattr(predictor, "engine", None) == "torch"
 
 
 def make_batch(arrays: Sequence[np.ndarray], predictor: "Predictor") -> Any:
