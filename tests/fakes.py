@@ -18,6 +18,20 @@ from hierarchy.registry import hookimpl
 
 CALLS: dict[str, list[int]] = {}
 
+# A two-stage pipeline of the fake stages: red images go on to the brightness stage.
+COLOR_BRIGHT_PIPE = """\
+name: fakes
+root: color
+stages:
+  color:
+    stage: fake_color
+    threshold: 0.6
+    routes: {red: bright, other: stop}
+  bright:
+    stage: fake_bright
+    routes: {default: stop}
+"""
+
 
 class FakePredictor:
     def __init__(self, name: str, labels: tuple[str, ...], score: Callable[[np.ndarray], np.ndarray], size: int = 16):

@@ -6,22 +6,11 @@ import io
 import json
 
 import pytest
+from fakes import COLOR_BRIGHT_PIPE as PIPE
 from fakes import solid
 
 from hierarchy.commands.cli import COMMANDS, main
 
-PIPE = """\
-name: cli
-root: color
-stages:
-  color:
-    stage: fake_color
-    threshold: 0.6
-    routes: {red: bright, other: stop}
-  bright:
-    stage: fake_bright
-    routes: {default: stop}
-"""
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+from fakes import COLOR_BRIGHT_PIPE as PIPE
 from fakes import solid
 
 ray = pytest.importorskip("ray")
@@ -15,18 +16,6 @@ pytest.importorskip("ray.data")
 from hierarchy.commands.cli import main  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
-PIPE = """\
-name: ray
-root: color
-stages:
-  color:
-    stage: fake_color
-    threshold: 0.6
-    routes: {red: bright, other: stop}
-  bright:
-    stage: fake_bright
-    routes: {default: stop}
-"""
 
 
 def register_fakes() -> None:

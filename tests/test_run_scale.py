@@ -14,24 +14,13 @@ import time
 from pathlib import Path
 
 import pytest
+from fakes import COLOR_BRIGHT_PIPE as PIPE
 from fakes import solid
 
 from hierarchy.commands.cli import main
 from hierarchy.data.inputs import in_shard, parse_shard, read_path_list
 
 TESTS = Path(__file__).resolve().parent
-PIPE = """\
-name: scale
-root: color
-stages:
-  color:
-    stage: fake_color
-    threshold: 0.6
-    routes: {red: bright, other: stop}
-  bright:
-    stage: fake_bright
-    routes: {default: stop}
-"""
 # `hierarchy run` in a subprocess with the fake stages registered; each stage call sleeps 5 ms so a
 # run of 2,000 images lasts long enough to be killed halfway
 DRIVER = f"""
