@@ -13,7 +13,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
-from importlib.metadata import EntryPoint, entry_points
+from importlib.metadata import EntryPoint, distributions, entry_points
 from typing import TYPE_CHECKING, Any, Callable
 
 import pluggy
@@ -316,14 +316,19 @@ def _wanted(ep: EntryPoint, selected: set[str] | None, excluded: set[str]) -> bo
 
 def _editable_dir(dist: Any) -> str | None:
     """The source folder of an editable install (PEP 610 ``direct_url.json``), else None."""
-    try:
-        data = json.loads((dist.read_text("direct_url.json") if dist else None) or "{}")
-    except (OSError, ValueError):
+    if dist is None:
         return None
-    if not data.get("dir_info", {}).get("editable"):
-        return None
-    url = data.get("url", "")
-    return url[len("file://"):] if url.startswith("file://") else url or None
+    # Run from the source tree, the build's ``*.egg-info`` there shadows the installed dist-info,
+    # and only the latter has direct_url.json: look at every copy of the distribution.
+    for copy in [dist, *distributions(name=dist.name)]:
+        try:
+            data = json.loads(copy.read_text("direct_url.json") or "{}")
+        except (OSError, ValueError):
+            continue
+        if data.get("dir_info", {}).get("editable"):
+            url = data.get("url", "")
+            return url[len("file://"):] if url.startswith("file://") else url or None
+    return None
 
 
 def _describe(exc: BaseException) -> str:

@@ -203,6 +203,19 @@ def test_stages_shows_file_editable_description_and_strict(author_site):
     assert hierarchy_cli(["stages", "--strict", "-q"]).returncode == 0
 
 
+def test_stages_shows_editable_when_the_source_trees_egg_info_shadows_the_install(tmp_path):
+    # `pip install -e .` leaves hierarchy_cascade.egg-info (no direct_url.json) in the checkout, which is
+    # first on sys.path when run from there, as CI does
+    from importlib.metadata import distribution
+    shadow = tmp_path / "hierarchy_cascade.egg-info"
+    shadow.mkdir()
+    (shadow / "PKG-INFO").write_text(f"Metadata-Version: 2.1\nName: hierarchy-cascade\nVersion: {__version__}\n")
+    (shadow / "entry_points.txt").write_text(distribution("hierarchy-cascade").read_text("entry_points.txt"))
+    proc = hierarchy_cli(["stages"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert f"(editable: {REPO})" in proc.stdout
+
+
 def test_import_failure_says_reinstall(tmp_path):
     from hierarchy.registry.checks import import_hint
 
