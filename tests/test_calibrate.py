@@ -137,3 +137,19 @@ def test_train_config_threshold_target_default_and_off():
     assert TrainConfig().threshold_target == {"max_risk": 0.01}
     assert TrainConfig(threshold_target=None).threshold_target is None
     assert TrainConfig(threshold_target={"target_coverage": 0.95}).threshold_target == {"target_coverage": 0.95}
+
+
+def test_calibrate_keeps_the_runs_temperature_floor(trained, tmp_path, capsys):
+    import shutil
+
+    root, run = trained
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    meta = json.loads((copy / "metadata.json").read_text())
+    meta["calibration"]["floor"] = 1.0  # as `train.temperature_floor: 1.0` records it
+    (copy / "metadata.json").write_text(json.dumps(meta))
+    assert main(["calibrate", str(copy), "--data", str(root / "ds"), "--precision", "fp32", "--format", "json"]) == 0
+    capsys.readouterr()
+    after = json.loads((copy / "metadata.json").read_text())
+    assert after["calibration"]["floor"] == 1.0 and after["temperature"] >= 1.0
+    assert after["temperature"] == max(1.0, after["calibration"]["fitted"])

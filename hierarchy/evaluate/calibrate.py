@@ -80,6 +80,12 @@ def _state(scored: Scored, temperature: float, threshold: float | None) -> dict[
             "coverage": sel["coverage"], "risk": None if acc is None else 1.0 - acc}
 
 
+def run_floor(meta: "CheckpointMetadata") -> float:
+    """The temperature floor the run was trained with (``train.temperature_floor``), else 0.5."""
+    recorded = (meta.model_dump(mode="json").get("calibration") or {}).get("floor")
+    return float(recorded) if isinstance(recorded, (int, float)) and 0 < recorded <= 1 else 0.5
+
+
 def calibrate_run(run_dir: Path, data: Path, *, split: str | None = None, target: dict | None = None,
                   refit_temperature: bool = True, device: str = "auto", precision: str = "auto",
                   engine: str = "auto", batch_size: int = 32, workers: int | None = None,
@@ -111,7 +117,7 @@ def calibrate_run(run_dir: Path, data: Path, *, split: str | None = None, target
     scored = predict_samples(predictor, samples, batch_size, workers, progress)
     if len(scored.y) == 0:
         raise HierarchyError(f"{data}: none of the {len(samples)} image(s) could be decoded")
-    cal = calibration(scored.logits, scored.y) if refit_temperature else None
+    cal = calibration(scored.logits, scored.y, run_floor(meta)) if refit_temperature else None
     new_t = cal["temperature"] if cal else meta.temperature
     tuned = tune_threshold(calibrated(scored.logits, new_t), scored.y, target, labels)
     fields: dict[str, Any] = {"threshold": {**tuned, "data": str(data), "split": info["split"]}}
