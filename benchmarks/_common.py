@@ -87,6 +87,15 @@ def load() -> str:
     return "load average %.2f %.2f %.2f" % os.getloadavg()
 
 
+def print_header() -> None:
+    """The machine this ran on (CPU, the flags that matter, cores, library versions) and its load: the
+    first lines of every benchmark, so a table is never read as if it held for another machine."""
+    from hierarchy.core.machine import header
+
+    print(header(), flush=True)
+    print(load(), flush=True)
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     cells = [[str(c) for c in r] for r in [headers, *rows]]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]

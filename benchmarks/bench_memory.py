@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import hierarchy_cmd, load, make_jpegs, table, write_checkpoint, write_pipeline
+from _common import hierarchy_cmd, load, make_jpegs, print_header, table, write_checkpoint, write_pipeline
 
 
 def peak_rss(cmd: list[str]) -> tuple[float, float]:
@@ -40,7 +40,7 @@ def main() -> None:
     make_jpegs(folder, max(args.n), size=(96, 72))
     pipe = write_pipeline(args.workdir / f"mem{args.size}", write_checkpoint(args.workdir / f"mem{args.size}" / "ckpt",
                                                                         size=args.size))
-    print(load(), flush=True)
+    print_header()
     rows = []
     for n in args.n:
         listing = args.workdir / f"list{n}"

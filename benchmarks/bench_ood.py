@@ -142,6 +142,9 @@ def main() -> None:
                   "device": str(preds["on"].device), "precision": preds["on"].precision,
                   "torch_threads": torch.get_num_threads(), "predict": summary(predict), "run": summary(run),
                   "score_alone": scorer_share(preds["on"], batch, args.rounds)}
+        from hierarchy.core.machine import header
+
+        print(header())
         print(json.dumps(result, indent=2))
     finally:
         shutil.rmtree(root, ignore_errors=True)

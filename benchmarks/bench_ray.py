@@ -12,19 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import tempfile
 from pathlib import Path
 
-from _common import hierarchy_cmd, load, make_jpegs, timed_subprocess, write_checkpoint, write_pipeline
-
-
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    return (f"{cpu}; {len(os.sched_getaffinity(0))} usable of {os.cpu_count()} CPUs; {load()}; "
-            f"python {platform.python_version()}")
+from _common import hierarchy_cmd, make_jpegs, print_header, timed_subprocess, write_checkpoint, write_pipeline
 
 
 def main() -> None:
@@ -42,7 +33,7 @@ def main() -> None:
         plain_s = timed_subprocess([*base, "-o", str(tmp / "plain.jsonl")])
         ray_s = timed_subprocess([*base, "-o", str(tmp / "ray.jsonl"), "--ray"])
         labels = [[json.loads(x)["label"] for x in (tmp / f).read_text().splitlines()] for f in ("plain.jsonl", "ray.jsonl")]
-    print(f"machine: {machine()}")
+    print_header()
     print(f"{args.n} images, batch {args.batch_size}, untrained ResNet18 at 224 px, torch engine")
     print(f"plain run: {plain_s:6.1f} s  {args.n / plain_s:6.1f} img/s")
     print(f"--ray:     {ray_s:6.1f} s  {args.n / ray_s:6.1f} img/s")

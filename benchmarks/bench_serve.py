@@ -14,27 +14,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from _common import REPO, hierarchy_cmd, make_jpegs
+from _common import REPO, hierarchy_cmd, make_jpegs, print_header
 
 sys.path.insert(0, str(REPO / "tests"))
-
-
-def machine() -> str:
-    import torch
-
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    load = " / ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
-    return (f"{model}; {usable} usable of {os.cpu_count()} CPUs; load average {load}; {platform.platform()}; "
-            f"python {platform.python_version()}, torch {torch.__version__} ({torch.get_num_threads()} threads)")
 
 
 def make_demo(out: Path) -> Path:
@@ -84,7 +72,7 @@ def main() -> None:
         work = Path(tmp)
         pipeline = make_demo(args.demo or work / "demo")
         images = make_jpegs(work / "images", args.images)
-        print(f"machine: {machine()}", flush=True)
+        print_header()
         with running_server(pipeline, work / "serve.log") as (base, _):
             result = run_load(base, images, args.clients, args.requests, args.per_request, time_limit_s=1800)
         if result.failures:

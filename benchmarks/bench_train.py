@@ -13,6 +13,14 @@ from and that accuracy holds: ours with ``--precision fp32`` (the plain-precisio
 seed) and ours with ``HIERARCHY_MALLOC=off``. Throughput is train images per
 second over the training epochs only (val passes excluded for both). Each variant runs in its own
 process; rounds are interleaved. Round 1 of "ours" builds the cache (its time is shown apart).
+
+Default vs fastest (issue #17): "ours" passes no --precision (the default, tuned) and is compared
+with the fastest precision x memory format for this model here: a training step alone (forward,
+backward, fused Adam, one random batch of the same size) timed for fp32 and bf16 autocast, NCHW and
+channels_last, in its own process (target: default >= 0.95x the fastest). The epoch rate includes
+the loader, so the ratio is, if anything, strict. The children share a fresh HIERARCHY_CACHE_DIR:
+round 1 of "ours" lets the tuner measure (before its first epoch, outside the timed epochs), later
+rounds reuse its cache.
 """
 from __future__ import annotations
 
@@ -25,7 +33,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import REPO, interleave, load, make_jpegs, median, table
+from _common import REPO, interleave, load, make_jpegs, median, print_header, table
+
+STEP_COMBOS = [(p, m) for p in ("fp32", "bf16") for m in ("contiguous", "channels_last")]
 
 
 def baseline_worker(data: Path, size: int, batch: int, epochs: int) -> dict:
@@ -86,7 +96,7 @@ def ours_worker(data: Path, size: int, batch: int, epochs: int, out: Path, preci
     cfg.write_text("train:\n  calibrate: false\n  ood: false\n  threshold_target: null\n")
     code = main(["-q", "train", "skin_vs_nonskin", "--config", str(cfg), "--data", str(data), "--epochs", str(epochs),
                  "--batch-size", str(batch), "--img-size", str(size), "--pretrained", "none", "--cache",
-                 "--precision", precision,
+                 *([] if precision == "default" else ["--precision", precision]),
                  "--out", str(out)])
     if code != 0:
         raise SystemExit(f"hierarchy train exited {code}")
@@ -95,10 +105,43 @@ def ours_worker(data: Path, size: int, batch: int, epochs: int, out: Path, preci
     return {"img_per_s": timing["n"] / timing["train"], "val_acc": acc, "cache_s": timing["cache"]}
 
 
-def child(kind: str, args: argparse.Namespace, env: dict | None = None, precision: str = "auto") -> dict:
+def step_worker(size: int, batch: int, steps: int) -> dict:
+    """Training-step img/s of every precision x memory format (forward + backward + fused Adam)."""
+    sys.path.insert(0, str(REPO))
+    import torch
+
+    from hierarchy.models.backbones import create_model
+
+    out = {}
+    for precision, fmt in STEP_COMBOS:
+        torch.manual_seed(0)
+        model = create_model("resnet18", 2)[0].train()
+        memory = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
+        model = model.to(memory_format=memory)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)  # what the recipe uses
+        x = torch.randn(batch, 3, size, size).contiguous(memory_format=memory)
+        y = torch.randint(0, 2, (batch,))
+
+        def step() -> None:
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+
+        for _ in range(2):
+            step()  # warm-up (oneDNN primitives)
+        t = time.perf_counter()
+        for _ in range(steps):
+            step()
+        out[f"{precision} {fmt}"] = steps * batch / (time.perf_counter() - t)
+    return out
+
+
+def child(kind: str, args: argparse.Namespace, env: dict | None = None, precision: str = "default") -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, "--precision", precision, "--img-size", str(args.img_size), "--batch-size",
            str(args.batch_size), "--epochs", str(args.epochs), "--workdir", str(args.workdir),
-           "--n-train", str(args.n_train), "--n-val", str(args.n_val)]
+           "--n-train", str(args.n_train), "--n-val", str(args.n_val), "--steps", str(args.steps)]
     res = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1", **(env or {})})
     return json.loads(res.stdout.strip().splitlines()[-1])
 
@@ -125,9 +168,13 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "hierarchy-bench")
-    ap.add_argument("--worker", choices=("baseline", "ours"), help=argparse.SUPPRESS)
-    ap.add_argument("--precision", default="auto", help=argparse.SUPPRESS)
+    ap.add_argument("--steps", type=int, default=8, help="timed steps per precision x memory format")
+    ap.add_argument("--worker", choices=("baseline", "ours", "step"), help=argparse.SUPPRESS)
+    ap.add_argument("--precision", default="default", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.worker == "step":
+        print(json.dumps(step_worker(args.img_size, args.batch_size, args.steps)))
+        return
     data = dataset(args)
     if args.worker:
         out = args.workdir / "train-runs"
@@ -135,12 +182,16 @@ def main() -> None:
                else ours_worker(data, args.img_size, args.batch_size, args.epochs, out, args.precision))
         print(json.dumps(res))
         return
+    os.environ["HIERARCHY_CACHE_DIR"] = tempfile.mkdtemp(prefix="hierarchy-bench-cache-")  # the children's tuner cache
+    print_header()
     print(f"{args.n_train} train / {args.n_val} val images at {args.img_size} px, batch {args.batch_size}, "
-          f"{args.epochs} epochs; {load()}", flush=True)
+          f"{args.epochs} epochs", flush=True)
     res = interleave({"baseline": lambda: child("baseline", args), "ours": lambda: child("ours", args),
+                      "step only": lambda: child("step", args),
                       "ours, --precision fp32": lambda: child("ours", args, precision="fp32"),
                       "ours, HIERARCHY_MALLOC=off": lambda: child("ours", args, {"HIERARCHY_MALLOC": "off"})},
                      args.repeats)
+    steps = res.pop("step only")
     base = median([r["img_per_s"] for r in res["baseline"]])
     rows = []
     for k, rs in res.items():
@@ -148,8 +199,19 @@ def main() -> None:
         rows.append([k, f"{rate:.1f}", f"{rate / base:.2f}x", f"{rs[-1]['val_acc']:.3f}",
                      f"{rs[0].get('cache_s', 0):.1f}" if "cache_s" in rs[0] else "-"])
     print(table(["training loop", "train img/s (median)", "vs baseline", "val acc (last round)", "cache build s (round 1)"], rows))
+    print_default_vs_fastest(median([r["img_per_s"] for r in res["ours"]]), steps)
     print("all rounds:", {k: [round(r["img_per_s"], 1) for r in rs] for k, rs in res.items()})
     print(load())
+
+
+def print_default_vs_fastest(default: float, steps: list[dict]) -> None:
+    combos = {k: median([s[k] for s in steps]) for k in steps[0]}
+    fastest = max(combos, key=combos.get)
+    rows = [[f"training step only, {k}", f"{v:.1f}", f"{default / v:.2f}x", "fastest" if k == fastest else ""]
+            for k, v in combos.items()]
+    rows.append(["hierarchy train, default flags (epochs, with loader)", f"{default:.1f}", "-",
+                 f"{default / combos[fastest]:.2f}x the fastest (target >= 0.95x)"])
+    print(table(["default vs fastest", "train img/s (median)", "default / this", "note"], rows))
 
 
 if __name__ == "__main__":

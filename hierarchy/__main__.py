@@ -1,3 +1,6 @@
-from hierarchy.commands.cli import main
+from hierarchy.core.phases import phase
+
+with phase("import hierarchy.commands.cli"):
+    from hierarchy.commands.cli import main
 
 raise SystemExit(main())

@@ -53,3 +53,6 @@ def real_data() -> Path:
 
 def pytest_configure(config):
     os.environ.setdefault("TQDM_DISABLE", "1")
+    # no test (nor module fixture, nor CLI subprocess) measures engines or training steps unless it opts in
+    # with monkeypatch.setenv("HIERARCHY_TUNE", "on") (tests/test_tune.py): the conservative rule, no cache
+    os.environ["HIERARCHY_TUNE"] = "off"

@@ -45,7 +45,7 @@ def install_dist(root: Path, target: Path, dist: str, version: str, package: str
 def hierarchy_cli(args: list[str], site: Path | None = None, cwd: Path | None = None,
                   env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run ``python -m hierarchy ARGS`` in a subprocess with ``site`` on PYTHONPATH."""
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("HIERARCHY_")}
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("HIERARCHY_") or k == "HIERARCHY_TUNE"}
     full_env.update(env or {})
     if site is not None:
         full_env["PYTHONPATH"] = os.pathsep.join([str(site), full_env.get("PYTHONPATH", "")]).rstrip(os.pathsep)

@@ -113,6 +113,7 @@ def test_bf16_falls_back_to_fp32_when_the_cpu_lacks_it(monkeypatch: pytest.Monke
     assert p.precision == "fp32" and p.backend.plan.input_dtype == torch.float32
     assert next(p.backend.model.parameters()).dtype == torch.float32
     monkeypatch.setattr(predict, "cpu_supports_bf16", lambda: True)
+    monkeypatch.setattr("hierarchy.core.machine.has_amx", lambda: True)  # auto picks bf16 only with AMX
     assert select_precision(cpu, "auto") == "bf16"
     fast = Predictor.from_torch(model, ("a", "b"), Preset(size=SIZE), device="cpu", precision="auto")
     assert fast.backend.plan.input_dtype == torch.bfloat16 and next(fast.backend.model.parameters()).dtype == torch.bfloat16

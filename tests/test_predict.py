@@ -84,10 +84,13 @@ def test_bf16_falls_back_to_fp32_on_unsupported_cpu(monkeypatch: pytest.MonkeyPa
     assert select_precision(cpu, "bf16") == "fp32"
     assert select_precision(cpu, "auto") == "fp32"
     monkeypatch.setattr(predict, "cpu_supports_bf16", lambda: True)
+    monkeypatch.setattr("hierarchy.core.machine.has_amx", lambda: True)  # auto picks bf16 only with AMX
     assert select_precision(cpu, "auto") == "bf16"
     assert select_precision(cpu, "fp32") == "fp32"
     assert select_precision(cpu, "fp16") == "fp32"
-    with pytest.raises(HierarchyError, match="unknown precision 'int8'"):
+    with pytest.raises(HierarchyError, match="unknown precision 'int4'"):
+        select_precision(cpu, "int4")
+    with pytest.raises(HierarchyError, match="int8 runs on an exported engine"):
         select_precision(cpu, "int8")
 
 
@@ -133,6 +136,7 @@ def test_uint8_pipeline_matches_reference(model: torch.nn.Module) -> None:
 def test_bf16_predictions_are_float32_probabilities(monkeypatch: pytest.MonkeyPatch, model: torch.nn.Module,
                                                     batch: torch.Tensor) -> None:
     monkeypatch.setattr(predict, "cpu_supports_bf16", lambda: True)
+    monkeypatch.setattr("hierarchy.core.machine.has_amx", lambda: True)  # auto picks bf16 only with AMX
     p = predictor(model, precision="bf16")
     assert p.precision == "bf16"
     probs = p.predict(batch).probs

@@ -152,6 +152,7 @@ def test_train_survives_a_last_batch_of_one(tmp_path):
     assert main(["train", "skin_vs_nonskin", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "runs"),
                  "--pretrained", "none", "--img-size", "32", "--batch-size", "3", "--epochs", "1"]) == 0
     meta = json.loads((tmp_path / "runs" / "skin_vs_nonskin" / "train" / "metadata.json").read_text())
+    from hierarchy.core.machine import has_amx
     from hierarchy.models.device import cpu_supports_bf16
 
-    assert meta["precision"] == ("bf16" if cpu_supports_bf16() else "fp32")  # auto: bf16 autocast where native
+    assert meta["precision"] == ("bf16" if cpu_supports_bf16() and has_amx() else "fp32")  # auto, untuned: bf16 with AMX

@@ -24,6 +24,7 @@ def loss_of(model: torch.nn.Module) -> torch.Tensor:
 def test_training_uses_bf16_autocast_on_a_capable_cpu_and_fp32_elsewhere(monkeypatch: pytest.MonkeyPatch) -> None:
     cpu = torch.device("cpu")
     monkeypatch.setattr(predict, "cpu_supports_bf16", lambda: True)
+    monkeypatch.setattr("hierarchy.core.machine.has_amx", lambda: True)  # auto picks bf16 only with AMX
     assert predict.select_precision(cpu, "auto") == "bf16"
     monkeypatch.setattr(predict, "cpu_supports_bf16", lambda: False)
     assert predict.select_precision(cpu, "auto") == "fp32" and predict.select_precision(cpu, "bf16") == "fp32"

@@ -15,9 +15,10 @@ from typing import Sequence
 from hierarchy import __version__
 from hierarchy.core.errors import ConfigError, HierarchyError
 from hierarchy.core.perf import tune_for_command
+from hierarchy.core.phases import phase, report
 
 COMMANDS = ("run", "validate", "stages", "build_dataset", "train", "evaluate", "calibrate", "export", "demo",
-            "new_stage", "card", "bundle", "weights", "serve")
+            "new_stage", "card", "bundle", "weights", "serve", "tune")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,8 +51,9 @@ def add_global_flags(parser: argparse.ArgumentParser, top: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    with phase("parse arguments"):
+        parser = build_parser()
+        args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # `train --nproc-per-node` relaunches it
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
@@ -60,7 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     tune_for_command(args.command)  # allocator thresholds, before torch allocates anything
     try:
-        return int(args.func(args) or 0)
+        with phase(f"command {args.command}"):
+            return int(args.func(args) or 0)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -72,6 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0  # `hierarchy run ... | head` is normal use
+    finally:
+        report()  # $HIERARCHY_PHASES: where the time went, on stderr
 
 
 if __name__ == "__main__":

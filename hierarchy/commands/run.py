@@ -9,6 +9,7 @@ from typing import Iterator
 
 from hierarchy.commands import add_inference_options
 from hierarchy.core.errors import ConfigError
+from hierarchy.core.phases import phase
 from hierarchy.commands._explain import add_explain_options, with_explanations
 
 
@@ -33,12 +34,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "'hierarchy-cascade[ray]'): a cluster ADDRESS (ray://host:10001, auto), or a local cluster")
     add_inference_options(p)
     add_explain_options(p, directory=True)
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, batch_size=None)  # no --batch-size: the tuned one (hierarchy.engine.tune)
 
 
 def run(args: argparse.Namespace) -> int:
-    from hierarchy.engine.output import check_output, recorded_paths, write_stream
-    from hierarchy.engine.pipeline import load_pipeline
+    with phase("import output, pipeline"):
+        from hierarchy.engine.output import check_output, recorded_paths, write_stream
+        from hierarchy.engine.pipeline import load_pipeline
+    from hierarchy.engine.tune import DEFAULT_BATCH, router_batch_size
 
     if not args.inputs and not args.files_from:
         raise ConfigError("hierarchy run", ["INPUT: give at least one input or --files-from FILE"])
@@ -47,21 +50,25 @@ def run(args: argparse.Namespace) -> int:
     if args.ray and getattr(args, "explain", None):
         raise ConfigError("hierarchy run", ["--explain: not available with --ray"])
     check_output(args.output, args.resume)  # before any model loads or image decodes
-    pipe = load_pipeline(args.pipeline)
+    with phase("load pipeline"):
+        pipe = load_pipeline(args.pipeline)
     done = recorded_paths(args.output) if args.resume else set()
     paths = _inputs(args, done)
     counts = {"ok": 0, "abstained": 0, "rejected": 0, "error": 0}
     if args.ray:
         from hierarchy.engine.ray_run import ray_records
 
-        records = ray_records(args.pipeline, paths, args.ray, batch_size=args.batch_size, device=args.device,
-                              precision=args.precision, engine=args.engine)
+        records = ray_records(args.pipeline, paths, args.ray, batch_size=args.batch_size or DEFAULT_BATCH,
+                              device=args.device, precision=args.precision, engine=args.engine)
     else:
-        from hierarchy.engine.router import Router
+        with phase("load stages (engine, hashes, session)"):
+            from hierarchy.engine.router import Router
 
-        router = Router.from_pipeline(pipe, device=args.device, precision=args.precision, engine=args.engine)
-        records = with_explanations(router.run(paths, args.batch_size, args.workers), router, args)
-    write_stream(_progress(_counted(records, counts)), args.format, args.output, append=args.resume)
+            router = Router.from_pipeline(pipe, device=args.device, precision=args.precision, engine=args.engine)
+        batch_size = router_batch_size(router, args.batch_size)
+        records = with_explanations(router.run(paths, batch_size, args.workers), router, args)
+    with phase("decode, infer, write records"):
+        write_stream(_progress(_counted(records, counts)), args.format, args.output, append=args.resume)
     summary = ", ".join(f"{n} {k}" for k, n in counts.items() if n)
     resumed = f" ({len(done)} already recorded)" if args.resume else ""
     print(f"{sum(counts.values())} item(s): {summary or 'none'}{resumed}", file=sys.stderr)

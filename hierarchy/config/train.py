@@ -10,6 +10,8 @@ from typing import Annotated, Literal, Optional, Tuple, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
+from hierarchy.core.precision import INFERENCE_ONLY, TRAIN_PRECISIONS, TrainPrecision
+
 
 class AugmentConfig(BaseModel):
     """Training-time augmentation of the uint8 (3, S, S) input, drawn per image and epoch.
@@ -76,7 +78,7 @@ class TrainConfig(BaseModel):
     seed: StrictInt = 0
     patience: Optional[int] = Field(default=None, ge=1, strict=True)  # early stopping on val loss
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    precision: TrainPrecision = "auto"  # int8 is inference-only (core.precision)
     workers: Union[Annotated[StrictInt, Field(ge=0)], Literal["auto"]] = "auto"
     cache: StrictBool = False  # decode+resize every image once into a uint8 cache (see docs)
     max_steps_per_epoch: Optional[int] = Field(default=None, ge=1, strict=True)  # for smoke tests
@@ -93,6 +95,14 @@ class TrainConfig(BaseModel):
     ood_k: int = Field(default=5, ge=1, strict=True)  # neighbour rank for the knn score
     out: Path = Path("runs")  # run dir = out/<stage>/<name>
     name: str = "train"
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _trainable_precision(cls, v: object) -> object:
+        if v in INFERENCE_ONLY:
+            raise ValueError(f"{v} is an inference precision (the quantised model of `hierarchy export --int8`, run "
+                             f"with --engine onnx/openvino); training computes in {', '.join(TRAIN_PRECISIONS)}")
+        return v
 
     @field_validator("threshold_target")
     @classmethod

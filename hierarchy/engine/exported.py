@@ -3,13 +3,14 @@
 these very weights. Shared by the exporter and by every engine that runs the export."""
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.util
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hierarchy.core.errors import EngineError, ExportError
+from hierarchy.core.phases import phase
+from hierarchy.core.statcache import read_bytes_sha256
 
 if TYPE_CHECKING:
     from hierarchy.engine.backends.base import Checkpoint
@@ -67,10 +68,18 @@ def export_problem(ckpt: "Checkpoint") -> str | None:
     if not isinstance(entry, dict) or not entry.get("source_sha256") or not entry.get("sha256"):
         return (f"{ckpt.meta_path} has no export entry for {onnx_path.name} (not made by `hierarchy export`, "
                 f"or the metadata was replaced); {again}")
-    if ckpt.weights_sha256 != entry["source_sha256"]:
+    with phase("sha256 of the weights"):
+        weights_sha256 = ckpt.weights_sha256
+    if weights_sha256 != entry["source_sha256"]:
         return (f"stale export: {ckpt.weights.name} changed since {onnx_path.name} was exported (SHA-256 "
                 f"differs from the one recorded in metadata.json); {again}")
     return None
+
+
+def export_sha256(ckpt: "Checkpoint") -> str:
+    """The SHA-256 metadata.json records for the checkpoint's export: what :func:`read_verified_export`
+    checked its bytes against (call it after that)."""
+    return str(export_entries(ckpt.meta)[export_key(onnx_path_for(ckpt.weights), ckpt.run_dir)]["sha256"])
 
 
 def read_verified_export(ckpt: "Checkpoint") -> bytes:
@@ -82,8 +91,9 @@ def read_verified_export(ckpt: "Checkpoint") -> bytes:
     if problem:
         raise ExportError(onnx_path, problem)
     entry = export_entries(ckpt.meta)[export_key(onnx_path, ckpt.run_dir)]
-    data = onnx_path.read_bytes()
-    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+    with phase("read + sha256 of the export"):
+        data, digest = read_bytes_sha256(onnx_path)  # hashed once per file version (signed stat cache)
+    if digest != entry["sha256"]:
         raise ExportError(onnx_path, f"{onnx_path.name} is not the file recorded in metadata.json "
                           f"(SHA-256 differs: replaced or corrupt); re-run `hierarchy export {ckpt.run_dir}`")
     return data

@@ -12,6 +12,7 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError
 
 from hierarchy.core.errors import ConfigError
+from hierarchy.core.phases import phase
 from hierarchy.core.yamlio import Loc, load_yaml, parse_yaml, pydantic_errors, with_line
 
 STOP = "stop"
@@ -99,7 +100,8 @@ def load_pipeline(path: str | os.PathLike, *, check_stages: bool = True) -> Pipe
 
     if Path(path).is_file() and is_bundle(path):
         path = open_bundle(path)
-    data, lines = load_yaml(path)
+    with phase("read YAML"):
+        data, lines = load_yaml(path)
     return _build(data, lines, str(path), Path(path).resolve().parent, check_stages)
 
 
@@ -112,12 +114,14 @@ def _build(data: Any, lines: dict[Loc, int], source: str, base_dir: Path, check_
     if not isinstance(data, dict):
         raise ConfigError(source, ["(top level): expected a mapping with name, root and stages"])
     try:
-        pipe = Pipeline.model_validate({**data, "base_dir": base_dir}) if "base_dir" not in data else None
+        with phase("validate schema (pydantic)"):
+            pipe = Pipeline.model_validate({**data, "base_dir": base_dir}) if "base_dir" not in data else None
     except ValidationError as exc:
         raise ConfigError(source, pydantic_errors(exc, lines)) from None
     if pipe is None:
         raise ConfigError(source, [with_line(("base_dir",), "extra field not permitted", lines)])
-    errors = static_errors(pipe, lines, check_stages=check_stages)
+    with phase("static checks"):
+        errors = static_errors(pipe, lines, check_stages=check_stages)
     if errors:
         raise ConfigError(source, errors)
     return pipe
@@ -165,7 +169,8 @@ def _node_errors(sid: str, node: StageNode, pipe: Pipeline, lines: dict[Loc, int
 
     from hierarchy.core.errors import HierarchyError, UnknownStageError
 
-    reg = get_registry()
+    with phase("plugin discovery"):
+        reg = get_registry()
     try:
         labels = reg.get(node.stage).labels
     except UnknownStageError:
@@ -182,7 +187,8 @@ def _node_errors(sid: str, node: StageNode, pipe: Pipeline, lines: dict[Loc, int
                                     f"'{node.stage}' (labels: {', '.join(labels)})", lines))
     from hierarchy.engine.weights_check import weights_errors
 
-    errors += weights_errors(pipe, sid, reg.get(node.stage), lines)
+    with phase("weights check (metadata.json)"):
+        errors += weights_errors(pipe, sid, reg.get(node.stage), lines)
     uncovered = [lab for lab in labels if lab not in node.routes]
     if uncovered and DEFAULT_ROUTE not in node.routes:
         errors.append(with_line(loc + ("routes",), f"no route for label(s) {', '.join(uncovered)}; "

@@ -15,8 +15,9 @@ from hierarchy.config.stage import Prediction
 from hierarchy.core.errors import HierarchyError
 from hierarchy.core.precision import check_precision
 from hierarchy.data.preset import Preset
-from hierarchy.engine.backends import AUTO, choose_engine
+from hierarchy.engine.backends import AUTO
 from hierarchy.engine.backends.base import Backend, Checkpoint
+from hierarchy.engine.tune import TuneResult, load_backend
 from hierarchy.metrics.classification import softmax
 from hierarchy.models.metadata import check_stage
 from hierarchy.ood.scores import OODScorer, load_scorer
@@ -45,6 +46,7 @@ class Predictor:
         self.metadata = dict(metadata or {})
         self.temperature = float(temperature)
         self.ood_scorer = ood_scorer
+        self.tuned: TuneResult | None = None  # the measurement the engine was picked from, if any
 
     @classmethod
     def from_torch(cls, model: "nn.Module", labels: Sequence[str], preset: Preset, *, device: Any = "auto",
@@ -89,13 +91,15 @@ def calibrated(logits: np.ndarray, temperature: float) -> np.ndarray:
 def load_predictor(stage: "Stage", weights: str | Path, device: str = "auto", precision: str = "auto",
                    engine: str = AUTO) -> Predictor:
     """Load a checkpoint (run directory, ``.safetensors`` or ``metadata.json``) for ``stage`` on
-    ``engine`` (``auto``: see :func:`hierarchy.engine.backends.choose_engine`), refusing it before any
-    weights load if its stage or labels do not match."""
+    ``engine``, refusing it before any weights load if its stage or labels do not match. ``auto``
+    engine or precision: measured on this machine (:func:`hierarchy.engine.tune.load_backend`; with
+    ``HIERARCHY_TUNE=off`` the rule of :func:`hierarchy.engine.backends.choose_engine`)."""
     check_precision(precision)
     ckpt = Checkpoint.open(weights)
     check_stage(ckpt.meta, stage.name, stage.labels, ckpt.meta_path)
-    spec, why = choose_engine(engine, ckpt, device, precision)
-    backend = spec.load(ckpt, device, precision)
-    log.info("stage %s: engine %s on %s, %s (%s)", stage.name, spec.name, backend.device, backend.precision, why)
-    return Predictor(backend, stage.labels, ckpt.preset, ckpt.meta.model_dump(mode="json"),
-                     temperature=ckpt.meta.temperature, ood_scorer=load_scorer(ckpt.meta.ood, ckpt.run_dir))
+    backend, why, tuned = load_backend(ckpt, device, precision, engine, stage.name)
+    log.info("stage %s: engine %s on %s, %s (%s)", stage.name, backend.name, backend.device, backend.precision, why)
+    predictor = Predictor(backend, stage.labels, ckpt.preset, ckpt.meta.model_dump(mode="json"),
+                          temperature=ckpt.meta.temperature, ood_scorer=load_scorer(ckpt.meta.ood, ckpt.run_dir))
+    predictor.tuned = tuned
+    return predictor

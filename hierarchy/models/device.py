@@ -1,18 +1,22 @@
 """Device and precision selection for torch (training and the torch engine).
 
-``precision: auto`` follows the CPU's flags (bf16 autocast on AVX512-BF16/AMX, fp32 elsewhere); an
+``precision: auto`` here is the conservative rule, used where nothing was measured
+(``HIERARCHY_TUNE=off``, see docs/tuning.md): bf16 on CUDA (fp16 without bf16), bf16 on CPUs with AMX,
+fp32 on every other CPU (AVX512-BF16 without AMX included: bf16 measured slower there). The measured
+choice is :mod:`hierarchy.engine.tune` (inference) and :mod:`hierarchy.train.tune` (training). An
 explicit request the device cannot serve falls back to fp32 with a warning.
 """
 from __future__ import annotations
 
-import functools
 import logging
 from typing import Any
 
 import torch
 
+from hierarchy.core import machine
 from hierarchy.core.errors import HierarchyError
-from hierarchy.core.precision import check_precision
+from hierarchy.core.precision import INFERENCE_ONLY, TRAIN_PRECISIONS, check_precision
+from hierarchy.core.tunecache import cpu_default_precision
 
 log = logging.getLogger(__name__)
 
@@ -48,29 +52,21 @@ def select_device(name: str = "auto") -> torch.device:
     return device
 
 
-@functools.lru_cache(maxsize=1)
-def _cpu_flags() -> frozenset[str]:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
 def cpu_supports_bf16() -> bool:
     """Native bf16 matmul on this CPU (AVX512_BF16 or AMX)? Without it bf16 is emulated and slower
     than fp32. Tests monkeypatch this to simulate an unsupported CPU."""
     capability = torch.backends.cpu.get_cpu_capability().upper()
-    return "AMX" in capability or "BF16" in capability or bool(_cpu_flags() & _CPU_BF16_FLAGS)
+    return "AMX" in capability or "BF16" in capability or bool(machine.cpu_flags() & _CPU_BF16_FLAGS)
 
 
 def select_precision(device: torch.device, requested: str = "auto") -> str:
-    """``auto``: bf16 on CUDA (fp16 where bf16 is unsupported) and on CPUs with native bf16,
-    fp32 elsewhere. An explicit request the device cannot serve falls back to fp32 with a warning."""
+    """``auto`` (the conservative rule): bf16 on CUDA (fp16 where bf16 is unsupported) and on CPUs
+    with native bf16 *and* AMX, fp32 elsewhere. An explicit request the device cannot serve falls back
+    to fp32 with a warning."""
     check_precision(requested)
+    if requested in INFERENCE_ONLY:
+        raise HierarchyError(f"torch computes in {', '.join(TRAIN_PRECISIONS[1:])}; {requested} runs on an exported "
+                             f"engine (`hierarchy export RUN --int8 --data DATASET`, then --engine onnx or openvino)")
     if device.type == "cuda":
         bf16 = torch.cuda.is_bf16_supported()
         if requested == "auto":
@@ -79,7 +75,7 @@ def select_precision(device: torch.device, requested: str = "auto") -> str:
     if device.type == "cpu":
         bf16 = cpu_supports_bf16()
         if requested == "auto":
-            return "bf16" if bf16 else "fp32"
+            return "bf16" if bf16 and cpu_default_precision() == "bf16" else "fp32"
         return requested if requested == "fp32" or (requested == "bf16" and bf16) else _fallback(requested, device)
     return "fp32" if requested == "auto" else requested
 
@@ -102,7 +98,20 @@ def autocast(device: torch.device, precision: str) -> Any:
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
+# The training tuner's pick per (device type, precision), set by :func:`choose_memory_format`.
+_CHOSEN_FORMATS: dict[tuple[str, str], torch.memory_format] = {}
+
+
+def choose_memory_format(device: torch.device, precision: str, fmt: torch.memory_format) -> None:
+    """Record the memory format training uses for ``precision`` on ``device`` (what
+    :mod:`hierarchy.train.tune` measured fastest); every :func:`memory_format` call then returns it."""
+    _CHOSEN_FORMATS[(device.type, precision)] = fmt
+
+
 def memory_format(device: torch.device, precision: str) -> torch.memory_format:
+    """Training's memory format: the tuner's pick (:func:`choose_memory_format`), else channels_last."""
+    if (device.type, precision) in _CHOSEN_FORMATS:
+        return _CHOSEN_FORMATS[(device.type, precision)]
     # Measured on a 2-core AVX512-BF16/AMX CPU (torch 2.14, ResNet18 at 224, batch 32, allocator thresholds
     # on): fp32 NCHW 2.8 s/step, fp32 channels_last 2.1 s, bf16 autocast NCHW 1.3 s, channels_last 0.67-0.9 s.
     # channels_last is what oneDNN's and cuDNN's fast convolution kernels expect, in every precision.

@@ -57,7 +57,8 @@ def train_stage(stage: "Stage", data: Path | None, out: Path | None = None, *, r
 def _train_stage(stage: "Stage", data: Path | None, out: Path | None, resume: Path | None, progress: bool,
                  created: list[Path]) -> Path:
     from hierarchy.models.checkpoint import load_train_state
-    from hierarchy.models.device import select_device, select_precision
+    from hierarchy.models.device import select_device
+    from hierarchy.train.tune import tune_training
 
     cfg = stage.config.train
     dinfo, device_name = distributed.setup(cfg.device)  # torchrun: join the process group (docs/scaling.md)
@@ -74,10 +75,9 @@ def _train_stage(stage: "Stage", data: Path | None, out: Path | None, resume: Pa
         created += [run_dir] if dinfo.main else []
     torch.manual_seed(cfg.seed)
     device = select_device(device_name)
-    precision = select_precision(device, cfg.precision)  # auto: bf16 autocast on AMX/AVX512-BF16 CPUs and CUDA
-    model, arch = _build_model(cfg, len(stage.labels), model_state, device, memory_format(device, precision),
-                               raw.get("arch"))
+    model, arch = _build_model(cfg, len(stage.labels), model_state, device, torch.channels_last, raw.get("arch"))
     preset = Preset.from_dict(raw["preset"]) if "preset" in raw else train_preset(cfg, arch)  # from the weights
+    precision = tune_training(cfg, model, arch, device, preset.size)  # auto: measured here (train/tune.py)
     loaders = make_loaders(data, stage.labels, preset, cfg, device)
     opt = make_optimizer(cfg, model, device)
     if opt_state is not None:
@@ -271,7 +271,6 @@ def _step(ctx: TrainContext, model: nn.Module, opt: torch.optim.Optimizer, loss:
         opt.zero_grad(set_to_none=True)
         return scaler.get_scale() >= 1.0  # 17 overflows in a row from 2**16: a real divergence
     return False
-
 
 
 

@@ -48,13 +48,13 @@ def register_engine(spec: EngineSpec) -> None:
 register_engine(EngineSpec("torch", "hierarchy.engine.backends.torch_backend",
                            "PyTorch; CUDA, MPS or CPU, bf16 autocast on capable CPUs"))
 register_engine(EngineSpec("onnx", "hierarchy.engine.backends.onnx_backend",
-                           "ONNX Runtime on the exported model; fp32, fast start, no torch",
+                           "ONNX Runtime on the exported model; fp32 (int8 after export --int8), fast start, no torch",
                            runtime="onnxruntime", extra="onnx", exported=True, devices=("cpu", "cuda"),
-                           precisions=("fp32",)))
+                           precisions=("fp32", "int8")))
 register_engine(EngineSpec("openvino", "hierarchy.engine.backends.openvino_backend",
                            "OpenVINO on the exported model; CPU, bf16 where native, no torch",
                            runtime="openvino", extra="openvino", exported=True, devices=("cpu",),
-                           precisions=("fp32", "bf16", "fp16")))
+                           precisions=("fp32", "bf16", "fp16", "int8")))
 
 # Exported engines `auto` tries, fastest first as measured on CPU (docs/performance.md); torch is the
 # fallback. Deciding between candidates by timing them on the machine at hand is the tuner's job.
@@ -75,6 +75,7 @@ def get_engine(name: str) -> EngineSpec:
 def unmet_need(spec: EngineSpec, ckpt: "Checkpoint", device: str, precision: str) -> str | None:
     """Why ``spec`` cannot run this checkpoint here, or None. Imports nothing heavy."""
     from hierarchy.engine.exported import export_problem, runtime_installed
+    from hierarchy.engine.quantize import int8_problem
 
     kind = device.partition(":")[0]
     if device == AUTO and "cuda" not in spec.devices and _gpu_present():
@@ -85,7 +86,9 @@ def unmet_need(spec: EngineSpec, ckpt: "Checkpoint", device: str, precision: str
         return f"it cannot compute in {precision} (serves {', '.join(spec.precisions)})"
     if spec.runtime and not runtime_installed(spec.runtime):
         return f"{spec.runtime} is not installed (pip install 'hierarchy-cascade[{spec.extra}]')"
-    return export_problem(ckpt) if spec.exported else None
+    if not spec.exported:
+        return None
+    return int8_problem(ckpt) if precision == "int8" else export_problem(ckpt)
 
 
 def choose_engine(requested: str, ckpt: "Checkpoint", device: str, precision: str) -> tuple[EngineSpec, str]:

@@ -52,6 +52,6 @@ class Checkpoint:
 
     @functools.cached_property
     def weights_sha256(self) -> str:
-        from hierarchy.core.fsutil import sha256_file
+        from hierarchy.core.statcache import file_sha256
 
-        return sha256_file(self.weights)
+        return file_sha256(self.weights)  # hashed once per file version (signed stat cache)

@@ -1,6 +1,7 @@
 """The ONNX Runtime backend: runs the model ``hierarchy export`` wrote beside the weights, with
-numpy and onnxruntime only (no torch import). The exported graph is fp32: this engine is for a fast,
-torch-free start, not throughput (ONNX Runtime's CPU provider has no fast bf16 path)."""
+numpy and onnxruntime only (no torch import). The exported graph is fp32 (ONNX Runtime's CPU provider
+has no fast bf16 path); ``--precision int8`` runs the quantised ``best.int8.onnx`` that
+``hierarchy export --int8`` made and checked against it (:mod:`hierarchy.engine.quantize`)."""
 from __future__ import annotations
 
 import logging
@@ -10,8 +11,10 @@ from typing import Any
 import numpy as np
 
 from hierarchy.core.errors import EngineError, ExportError
+from hierarchy.core.phases import phase
 from hierarchy.engine.backends.base import Checkpoint
-from hierarchy.engine.exported import OUTPUT_NAMES, import_runtime, onnx_path_for, read_verified_export
+from hierarchy.engine.exported import OUTPUT_NAMES, export_sha256, import_runtime, onnx_path_for, read_verified_export
+from hierarchy.engine.quantize import int8_path_for, read_verified_int8
 
 log = logging.getLogger(__name__)
 
@@ -20,10 +23,9 @@ class OnnxBackend:
     """Implements :class:`hierarchy.engine.backends.base.Backend` with an ONNX Runtime session."""
 
     name = "onnx"
-    precision = "fp32"
 
-    def __init__(self, session: Any, preset: Any, device: str = "cpu"):
-        self.session, self.preset, self.device = session, preset, device
+    def __init__(self, session: Any, preset: Any, device: str = "cpu", precision: str = "fp32"):
+        self.session, self.preset, self.device, self.precision = session, preset, device, precision
         self.input_name = session.get_inputs()[0].name
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -51,11 +53,14 @@ def select_providers(ort: Any, device: str) -> list[Any]:
     raise EngineError(f"device '{device}' is not supported by --engine onnx; use auto, cpu, cuda or cuda:N")
 
 
-def make_session(ort: Any, model: bytes, providers: list[Any], onnx_path: Path) -> Any:
+def make_session(ort: Any, model: bytes, providers: list[Any], onnx_path: Path, sha256: str | None = None) -> Any:
+    """A session of ``model``; given its verified ``sha256``, from the cached optimised graph (onnx_cache)."""
+    from hierarchy.engine.backends import onnx_cache
+
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: ORT's warnings are not for our users
     try:
-        return ort.InferenceSession(model, options, providers=providers)
+        return onnx_cache.session(ort, model, sha256, providers, options)
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
         raise ExportError(onnx_path, f"ONNX Runtime cannot load this model ({type(e).__name__}: {e}); "
                           f"re-run `hierarchy export {onnx_path.parent}`") from e
@@ -82,11 +87,13 @@ def check_signature(session: Any, ckpt: Checkpoint, onnx_path: Path) -> None:
 def load(ckpt: Checkpoint, device: str, precision: str) -> OnnxBackend:
     if precision in ("bf16", "fp16"):
         log.warning("--engine onnx runs the exported fp32 model; --precision %s is ignored", precision)
-    model = read_verified_export(ckpt)
+    int8 = precision == "int8"
+    model = read_verified_int8(ckpt) if int8 else read_verified_export(ckpt)
     ort = import_runtime("onnxruntime", "onnx", "onnx")
     providers = select_providers(ort, device)
-    onnx_path = onnx_path_for(ckpt.weights)
-    session = make_session(ort, model, providers, onnx_path)
+    onnx_path = int8_path_for(ckpt.weights) if int8 else onnx_path_for(ckpt.weights)
+    with phase("session creation"):
+        session = make_session(ort, model, providers, onnx_path, None if int8 else export_sha256(ckpt))
     check_signature(session, ckpt, onnx_path)
     used = session.get_providers()[0] if hasattr(session, "get_providers") else "CPUExecutionProvider"
-    return OnnxBackend(session, ckpt.preset, "cuda" if used.startswith("CUDA") else "cpu")
+    return OnnxBackend(session, ckpt.preset, "cuda" if used.startswith("CUDA") else "cpu", "int8" if int8 else "fp32")

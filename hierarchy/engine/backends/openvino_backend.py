@@ -1,6 +1,7 @@
 """The OpenVINO backend: compiles the model ``hierarchy export`` wrote beside the weights (the same
 verified ``best.onnx`` the ONNX engine runs) with OpenVINO's CPU plugin, in bf16 on CPUs with native
-bf16 (AVX512-BF16/AMX) and fp32 elsewhere. No torch import."""
+bf16 (AVX512-BF16/AMX) and fp32 elsewhere; ``--precision int8`` compiles the quantised (QDQ)
+``best.int8.onnx`` of ``hierarchy export --int8``, which OpenVINO runs in int8. No torch import."""
 from __future__ import annotations
 
 import logging
@@ -12,10 +13,12 @@ import numpy as np
 from hierarchy.core.errors import EngineError, ExportError
 from hierarchy.engine.backends.base import Checkpoint
 from hierarchy.engine.exported import OUTPUT_NAMES, import_runtime, onnx_path_for, read_verified_export
+from hierarchy.engine.quantize import int8_path_for, read_verified_int8
 
 log = logging.getLogger(__name__)
 
-HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}  # our precision -> INFERENCE_PRECISION_HINT
+# our precision -> INFERENCE_PRECISION_HINT; int8: the QDQ graph says what is int8, the rest stays f32
+HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32"}
 
 
 class OpenVinoBackend:
@@ -39,6 +42,8 @@ def select_precision(capabilities: Any, requested: str) -> str:
     """``auto``: bf16 where the CPU plugin reports native BF16, else fp32. An explicit request the
     CPU cannot serve falls back to fp32 with a warning (as the torch engine does)."""
     caps = {str(c).upper() for c in capabilities}
+    if requested == "int8":
+        return requested  # the graph is quantised; OpenVINO runs QDQ int8 on any x86 CPU
     if requested == "auto":
         return "bf16" if "BF16" in caps else "fp32"
     if requested != "fp32" and requested.upper() not in caps:
@@ -59,7 +64,9 @@ def load(ckpt: Checkpoint, device: str, precision: str) -> OpenVinoBackend:
     if device not in ("auto", "cpu"):
         raise EngineError(f"device '{device}' is not supported by --engine openvino (its CPU plugin is used); "
                           "use auto or cpu, or --engine torch for CUDA and MPS")
-    model = read_verified_export(ckpt)
+    int8 = precision == "int8"
+    model = read_verified_int8(ckpt) if int8 else read_verified_export(ckpt)
     core = import_runtime("openvino", "openvino", "openvino").Core()
     chosen = select_precision(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"), precision)
-    return OpenVinoBackend(compile_model(core, model, chosen, onnx_path_for(ckpt.weights)), ckpt.preset, chosen)
+    path = int8_path_for(ckpt.weights) if int8 else onnx_path_for(ckpt.weights)
+    return OpenVinoBackend(compile_model(core, model, chosen, path), ckpt.preset, chosen)

@@ -54,5 +54,9 @@ def build_model(meta: CheckpointMetadata, weights: Path) -> nn.Module:
 
 
 def load(ckpt: Checkpoint, device: str, precision: str) -> TorchBackend:
+    if precision == "int8":
+        from hierarchy.engine.quantize import int8_refusal
+
+        raise int8_refusal(ckpt, "torch")
     return TorchBackend(build_model(ckpt.meta, ckpt.weights), ckpt.preset, device=device, precision=precision,
                         copy_model=False)  # built here for this backend alone
