@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import platform
 import subprocess
 import sys
 import tempfile
@@ -33,59 +32,110 @@ RECIPES: dict[str, dict[str, Any]] = {
     "lite0": {"backbone": "timm/efficientnet_lite0", "pretrained": "imagenet", "img_size": 128, "epochs": 3},
     "lite0-robust": {"backbone": "timm/efficientnet_lite0", "pretrained": "imagenet", "img_size": 128, "epochs": 3,
                      "optimizer": "adamw", "weight_decay": 0.05, "schedule": "cosine", "warmup_epochs": 0.3,
-                     "label_smoothing": 0.1, "ema": 0.998, "temperature_floor": 1.0, "augment": ROBUST_AUGMENT},
+                     "label_smoothing": 0.1, "ema": 0.998, "augment": ROBUST_AUGMENT},
 }
-RECOMMENDED = "lite0-robust"
-GROUPS = ("dermoscopy", "everyday", "textures", "medical_nonskin")
+# outlier exposure: the same recipe on a dataset with generated negatives (`type: outliers`)
+# (130 steps of 64 per epoch: the ~8,300 images an epoch of the plain dataset has, so the same compute)
+RECIPES["lite0-robust-oe"] = {**RECIPES["lite0-robust"], "max_steps_per_epoch": 130, "dataset": {"outliers": 3000}}
+RECOMMENDED = "lite0-robust-oe"
+GROUPS = ("dermoscopy", "everyday", "textures", "medical_nonskin", "skimage")
 
 
 def hierarchy(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "hierarchy", "-q", *args], check=True)
 
 
-def build_dataset(data: Path, out: Path, per_class: int | None) -> Path:
+def build_dataset(data: Path, out: Path, per_class: int | None, outliers: int | None = None) -> Path:
     import yaml
 
-    cfg = {"stage": "skin_vs_nonskin", "dataset": {
-        "sources": [{"type": "ham10000", "root": str(data / "ham10000"), "label": "skin"},
-                    {"type": "coco", "root": str(data / "coco"), "sets": ["train2017", "val2017"], "label": "non-skin",
-                     "exclude_categories": ["person"]}],
-        "max_per_class": per_class, "verify_images": False}}
-    path = out / "dataset.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    if not (out / "dataset" / "manifest.csv").is_file():
-        hierarchy("build-dataset", "skin_vs_nonskin", "--config", str(path), "--out", str(out / "dataset"))
-    return out / "dataset"
+    sources = [{"type": "ham10000", "root": str(data / "ham10000"), "label": "skin"},
+               {"type": "coco", "root": str(data / "coco"), "sets": ["train2017", "val2017"], "label": "non-skin",
+                "exclude_categories": ["person"]}]
+    if outliers:
+        sources.append({"type": "outliers", "root": str(coco_without_people(data / "coco", out / "coco_noperson")),
+                        "label": "non-skin", "count": outliers, "out": str(out / "outliers")})
+    name = f"dataset-oe{outliers}" if outliers else "dataset"
+    path = out / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"stage": "skin_vs_nonskin", "dataset": {
+        "sources": sources, "max_per_class": per_class, "verify_images": False}}))
+    if not (out / name / "manifest.csv").is_file():
+        hierarchy("build-dataset", "skin_vs_nonskin", "--config", str(path), "--out", str(out / name))
+    return out / name
+
+
+def coco_without_people(coco: Path, folder: Path) -> Path:
+    """Links to the COCO images that show no person: what the generated negatives are made from."""
+    from pycocotools.coco import COCO
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for split in ("train2017", "val2017"):
+        api = COCO(str(coco / "annotations" / f"instances_{split}.json"))
+        people = set(api.getImgIds(catIds=api.getCatIds(catNms=["person"])))
+        for info in api.loadImgs([i for i in api.getImgIds() if i not in people]):
+            link = folder / info["file_name"]
+            if not link.exists() and (coco / split / info["file_name"]).is_file():
+                link.symlink_to(coco / split / info["file_name"])
+    return folder
+
+
+def skimage_samples(folder: Path) -> list[Path]:
+    """scikit-image's real retina, immunohistochemistry and cell images and four crops of each, as JPEGs."""
+    from PIL import Image
+    from skimage import data
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name in ("retina", "immunohistochemistry", "cell"):
+        img = Image.fromarray(getattr(data, name)()).convert("RGB")
+        w, h = img.size
+        crops = [img] + [img.crop(box) for box in ((0, 0, w // 2, h // 2), (w // 2, 0, w, h // 2),
+                                                    (0, h // 2, w // 2, h), (w // 4, h // 4, 3 * w // 4, 3 * h // 4))]
+        for i, crop in enumerate(crops):
+            paths.append(folder / f"{name}_{i}.jpg")
+            crop.save(paths[-1], quality=90)
+    return paths
 
 
 def train(dataset: Path, out: Path, name: str, recipe: dict[str, Any], args: argparse.Namespace) -> tuple[Path, float]:
     import yaml
 
+    recipe = {k: v for k, v in recipe.items() if k != "dataset"}
     train_cfg = {**recipe, "out": str(out / "runs"), "name": name, **({"epochs": args.epochs} if args.epochs else {}),
                  **({"img_size": args.img_size} if args.img_size else {}),
                  **({"max_steps_per_epoch": args.max_steps} if args.max_steps else {})}
     path = out / f"{name}.yaml"
     path.write_text(yaml.safe_dump({"stage": "skin_vs_nonskin", "train": train_cfg}))
+    run = out / "runs" / "skin_vs_nonskin" / name
+    timing = out / f"{name}.train_seconds"
+    if args.reuse and (run / "metadata.json").is_file():
+        return run, float(timing.read_text()) if timing.is_file() else float("nan")
     start = time.monotonic()
     hierarchy("train", "skin_vs_nonskin", "--config", str(path), "--data", str(dataset))
-    return out / "runs" / "skin_vs_nonskin" / name, time.monotonic() - start
+    timing.write_text(f"{time.monotonic() - start:.1f}\n")
+    return run, time.monotonic() - start
 
 
-def dev_eval_rows(dev: Path, per_group: int | None) -> list[dict[str, str]]:
+def dev_eval_rows(dev: Path, per_group: int | None, skimage: Path | None = None) -> list[dict[str, str]]:
+    """dev_eval's manifest rows (paths relative to ``dev``), plus the scikit-image samples written
+    under ``skimage`` (group ``skimage``, absolute paths)."""
     with open(dev / "manifest.csv", newline="") as f:
         rows = list(csv.DictReader(f))
+    if skimage is not None:
+        rows += [{"path": str(p), "group": "skimage", "label": "non-skin"} for p in skimage_samples(skimage)]
     if per_group:
         rows = [r for g in GROUPS for r in [x for x in rows if x["group"] == g][:per_group]]
     return rows
 
 
-def run_gate(run: Path, rows: list[dict[str, str]], dev: Path, out: Path) -> list[dict[str, Any]]:
-    pipe = out / f"{run.name}.pipe.yaml"
+def run_gate(run: Path, rows: list[dict[str, str]], dev: Path, out: Path, mode: str = "auto") -> list[dict[str, Any]]:
+    """``hierarchy run`` of the gate over ``rows``: ``auto`` (tuned threshold + OOD reject) or ``argmax``."""
+    pipe = out / f"{run.name}.{mode}.pipe.yaml"
+    knobs = "threshold: auto, ood: auto" if mode == "auto" else "threshold: 0.0, ood: 'off'"
     pipe.write_text(f"name: gate\nroot: gate\nstages:\n  gate: {{stage: skin_vs_nonskin, weights: {run}, "
-                    "threshold: auto, ood: auto, routes: {default: stop}}\n")
+                    f"{knobs}, routes: {{default: stop}}}}\n")
     listing = out / f"{run.name}.inputs.txt"
     listing.write_text("".join(f"{dev / r['path']}\n" for r in rows))
-    records = out / f"{run.name}.jsonl"
+    records = out / f"{run.name}.{mode}.jsonl"
     hierarchy("run", str(pipe), "--files-from", str(listing), "--format", "jsonl", "-o", str(records))
     by_path = {json.loads(line)["path"]: json.loads(line) for line in records.read_text().splitlines()}
     return [by_path[str(dev / r["path"])] for r in rows]
@@ -110,8 +160,9 @@ def scores(rows: list[dict[str, str]], records: list[dict[str, Any]]) -> dict[st
 
 
 def table(results: dict[str, dict[str, float]]) -> str:
-    cols = ["dermoscopy", "everyday", "textures", "medical_nonskin", "ece", "selective_error_90", "train_s"]
-    head = "| recipe | dermoscopy passed | everyday stopped | textures stopped | medical stopped | ECE | sel. err @90% | train s |"
+    cols = [*GROUPS, "ece", "selective_error_90", "train_s"]
+    head = ("| recipe | dermoscopy passed | everyday stopped | textures stopped | medical stopped | skimage stopped "
+            "| ECE | sel. err @90% | train s |")
     lines = [head, "|" + "---|" * (len(cols) + 1)]
     for name, r in results.items():
         lines.append(f"| {name} | " + " | ".join(f"{r.get(c, float('nan')):.4f}" if c != "train_s" else
@@ -122,12 +173,14 @@ def table(results: dict[str, dict[str, float]]) -> str:
 def measure(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    dataset = build_dataset(Path(args.data), out, args.per_class)
-    rows = dev_eval_rows(Path(args.dev_eval), args.eval_per_group)
+    rows = dev_eval_rows(Path(args.dev_eval), args.eval_per_group, out / "skimage")
     results = {}
     for name in args.recipes:
+        dataset = build_dataset(Path(args.data), out, args.per_class, RECIPES[name].get("dataset", {}).get("outliers"))
         run, seconds = train(dataset, out, name, RECIPES[name], args)
-        results[name] = {**scores(rows, run_gate(run, rows, Path(args.dev_eval), out)), "train_s": seconds}
+        for mode in ("argmax", "auto"):
+            got = scores(rows, run_gate(run, rows, Path(args.dev_eval), out, mode))
+            results[f"{name} ({mode})"] = {**got, "train_s": seconds}
     return results
 
 
@@ -141,6 +194,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=None, help="override every recipe's epochs")
     p.add_argument("--img-size", type=int, default=None, help="override every recipe's input size")
     p.add_argument("--max-steps", type=int, default=None, help="cap steps per epoch")
+    p.add_argument("--reuse", action="store_true", help="evaluate runs already trained under --out again")
     p.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "hierarchy-gate-quality"))
     return p.parse_args(argv)
 
@@ -148,8 +202,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     results = measure(args)
-    print(f"machine: {platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores, "
-          f"python {platform.python_version()}")
+    from hierarchy.core.machine import header
+
+    print(header())
     print(table(results))
     (Path(args.out) / "results.json").write_text(json.dumps(results, indent=2))
     return 0

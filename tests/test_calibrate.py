@@ -153,3 +153,35 @@ def test_calibrate_keeps_the_runs_temperature_floor(trained, tmp_path, capsys):
     after = json.loads((copy / "metadata.json").read_text())
     assert after["calibration"]["floor"] == 1.0 and after["temperature"] >= 1.0
     assert after["temperature"] == max(1.0, after["calibration"]["fitted"])
+
+
+def test_calibrate_ood_refits_the_score_and_run_uses_it(trained, tmp_path, capsys):
+    import shutil
+
+    from hierarchy.train.ood import outlier_sources
+
+    root, run = trained
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    assert json.loads((copy / "metadata.json").read_text()).get("ood") is None  # trained with ood: false
+    assert main(["calibrate", str(copy), "--data", str(root / "ds"), "--ood", "--ood-method", "knn", "--ood-keep",
+                 "0.9", "--precision", "fp32", "--format", "json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    meta = json.loads((copy / "metadata.json").read_text())
+    assert meta["ood"] == summary["ood"] and meta["ood"]["method"] == "knn" and meta["ood"]["keep"] == 0.9
+    assert meta["ood"]["tune"]["views"] == "shifted" and meta["ood"]["data"] == str(root / "ds")
+    n_val = sum(1 for line in (root / "ds" / "manifest.csv").read_text().splitlines() if ",val," in line)
+    assert meta["ood"]["tune"]["n"] == n_val and 0.85 <= meta["ood"]["tune"]["kept"] <= 0.95
+    assert (copy / "ood.safetensors").is_file()
+    pipe = tmp_path / "p.yaml"
+    pipe.write_text(f"name: p\nroot: g\nstages:\n  g: {{stage: skin_vs_nonskin, weights: {copy}, ood: auto, "
+                    "routes: {default: stop}}\n")
+    img = next((root / "ham").rglob("*.jpg"))
+    assert main(["run", str(pipe), str(img), "--format", "jsonl", "--precision", "fp32"]) == 0
+    record = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert record["status"] in ("ok", "rejected", "abstained") and "ood" in json.dumps(record)
+    # generated negatives are out of distribution by design: never part of the keep-rate tuning
+    (tmp_path / "ds2").mkdir()
+    (tmp_path / "ds2" / "dataset.json").write_text(json.dumps({"sources": {
+        "ham10000": {"type": "ham10000"}, "negs": {"type": "outliers"}}}))
+    assert outlier_sources(tmp_path / "ds2") == {"negs"} and outlier_sources(tmp_path / "nope") == set()

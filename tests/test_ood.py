@@ -306,8 +306,10 @@ stages:
 @pytest.fixture(scope="module")
 def trained_gate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     """skin_vs_nonskin trained from scratch at 32 px on two kinds of generated image (one colour and
-    stripe pattern per label, hierarchy.data.synth.make_image_folder), default OOD settings. About 30 s
-    on a busy shared 2-core machine. Over training seeds 0-2 knn rejected 92-100% of the textures.
+    stripe pattern per label, hierarchy.data.synth.make_image_folder), OOD knn tuned on val as is. About 30 s
+    on a busy shared 2-core machine. Over training seeds 0-2 knn rejected 92-100% of the textures. (The
+    defaults, mahalanobis tuned on shifted val views, are measured on real new sources in docs/ood.md;
+    on this toy model the shifted views loosen the threshold enough to let half the textures through.)
 
     Generated HAM10000 vs COCO scenes are not used here: their "non-skin" is an open class of random
     scenes, and a 32 px model trained from scratch separates grey textures from it unreliably
@@ -323,7 +325,8 @@ def trained_gate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, 
     make_image_folder(root / "data" / "val", labels, n_per_label=25, size=(48, 36), seed=1)
     cls = get_stage("skin_vs_nonskin")
     cfg = load_stage_config(cls, train={"pretrained": "none", "img_size": 32, "epochs": 2, "batch_size": 32,
-                                        "device": "cpu", "workers": 0, "out": str(root / "runs")})
+                                        "device": "cpu", "workers": 0, "out": str(root / "runs"),
+                                        "ood_method": "knn", "ood_tune": "val"})
     run = train_stage(cls(cfg), root / "data", progress=False)
     pipe = root / "pipe.yaml"
     pipe.write_text(SYNTH_PIPE.format(run=run))
@@ -343,7 +346,8 @@ def test_generated_textures_are_rejected_and_val_kept(trained_gate: tuple[Path, 
 
     run, pipe, data = trained_gate
     meta = json.loads((run / "metadata.json").read_text())["ood"]
-    assert meta["method"] == scores.DEFAULT_METHOD and meta["keep"] == 0.99 and (run / scores.OOD_FILE).is_file()
+    assert meta["method"] == "knn" and meta["tune"]["views"] == "val" and meta["keep"] == 0.99
+    assert (run / scores.OOD_FILE).is_file()
     assert set(meta["methods"]) == set(scores.METHODS) and meta["fit"]["split"] == "train"
     textures = make_ood(tmp_path / "textures", n=60, size=(48, 36), seed=7)
     recs = run_cli(pipe, [textures], tmp_path / "ood.jsonl")

@@ -29,6 +29,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "of argmax) reaching recall R on DATA; repeatable; stored for `decide: auto` in a pipeline")
     p.add_argument("--no-temperature", dest="temperature", action="store_false",
                    help="keep the stored temperature; only tune the threshold")
+    ood = p.add_argument_group("OOD score (docs/ood.md)")
+    ood.add_argument("--ood", action="store_true", help="instead: refit the run's OOD score on DATA's train split "
+                     "and tune its threshold on its val split (DATA: a build-dataset output)")
+    ood.add_argument("--ood-method", choices=("mahalanobis", "knn", "energy"), help="default: the run's")
+    ood.add_argument("--ood-keep", type=float, metavar="Q", help="share of val the threshold keeps (default: the run's)")
+    ood.add_argument("--ood-tune", choices=("shifted", "val"), help="tune on colour/JPEG/resolution-shifted val "
+                     "views, or on val as is (default: the run's)")
     p.add_argument("--format", choices=("table", "json"), default="table")
     add_inference_options(p, workers=False)
     p.set_defaults(func=run)
@@ -53,6 +60,14 @@ def run(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
+    if args.ood:
+        from hierarchy.evaluate.ood_refit import refit_ood, render as render_ood
+
+        result = refit_ood(Path(args.run_dir), Path(args.data), method=args.ood_method, keep=args.ood_keep,
+                           tune_on=args.ood_tune, device=args.device, precision=args.precision, engine=args.engine,
+                           batch_size=args.batch_size)
+        print(json.dumps(result, indent=2) if args.format == "json" else render_ood(result))
+        return 0
     from hierarchy.evaluate.calibrate import calibrate_run, render
 
     summary = calibrate_run(Path(args.run_dir), Path(args.data), split=args.split, target=target_from_args(args),

@@ -91,7 +91,8 @@ class TrainConfig(BaseModel):
     threshold_target: Optional[dict] = Field(default_factory=lambda: {"max_risk": 0.01})
     ood: StrictBool = True  # fit an out-of-distribution score after training (train split; see docs/ood.md)
     ood_keep: float = Field(default=0.99, gt=0, le=1)  # OOD threshold keeps this share of val images
-    ood_method: Literal["knn", "mahalanobis", "energy"] = "knn"
+    ood_method: Literal["knn", "mahalanobis", "energy"] = "mahalanobis"  # = ood.scores.DEFAULT_METHOD (docs/ood.md)
+    ood_tune: Literal["val", "shifted"] = "shifted"  # tune on val as is, or on colour/JPEG/resolution-shifted views
     ood_k: int = Field(default=5, ge=1, strict=True)  # neighbour rank for the knn score
     out: Path = Path("runs")  # run dir = out/<stage>/<name>
     name: str = "train"

@@ -16,7 +16,7 @@ import sys
 log = logging.getLogger(__name__)
 
 OPT_OUT_ENV = "HIERARCHY_MALLOC"
-TUNED_COMMANDS = frozenset({"run", "train", "evaluate", "calibrate"})
+TUNED_COMMANDS = frozenset({"run", "train", "evaluate", "calibrate", "serve", "tune"})
 # 2 GiB - 1: the largest value mallopt accepts as an int; blocks up to this size stay on the heap
 MMAP_THRESHOLD = 2**31 - 1
 TRIM_THRESHOLD = 2**31 - 1

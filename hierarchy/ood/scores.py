@@ -24,7 +24,7 @@ import numpy as np
 from hierarchy.core.errors import CheckpointError
 
 METHODS = ("energy", "mahalanobis", "knn")
-DEFAULT_METHOD = "knn"  # see docs/ood.md for the comparison behind this choice
+DEFAULT_METHOD = "mahalanobis"  # see docs/ood.md for the comparison behind this choice
 FORMAT = "hierarchy.ood"
 OOD_FILE = "ood.safetensors"
 DEFAULT_K = 5

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 
@@ -19,6 +19,8 @@ from hierarchy.ood.scores import OOD_FILE, OODScorer, save_scorer
 
 if TYPE_CHECKING:
     from torch import nn
+
+    from hierarchy.data.labelled import Sample
 
     from hierarchy.train.trainer import TrainContext
 
@@ -40,28 +42,63 @@ def extract(predictor: Predictor, batches: Iterable[tuple[Any, Any]]) -> tuple[n
     return np.concatenate(feats), np.concatenate(logits), np.concatenate(ys)
 
 
+# What a new archive does to images (colour, compression, resolution): the val views the threshold is
+# tuned on with ``ood_tune: shifted``. A quantile of the val split as it is does not transfer: val shares
+# the training archive's cameras and processing, so its tail is that archive's (docs/ood.md).
+SHIFT_VIEWS = {"color_jitter": 0.3, "hue": 0.03, "jpeg_quality": (40, 95), "downscale": (0.4, 1.0), "p": 0.8}
+
+
 def fit_for_run(ctx: "TrainContext", model: "nn.Module") -> dict[str, Any]:
     """Fit on train, tune on val, sanity-check on generated textures; return ``{"ood": {...}}``."""
     cfg = ctx.cfg
     if not cfg.ood:
         return {}
-    predictor = _predictor(ctx, model)
-    train_f, _, train_y = extract(predictor, _train_batches(ctx))
-    scorer, fit = fit_scorer(train_f, train_y, cfg.ood_method, cfg.ood_k, seed=cfg.seed)
-    val = _score_batches(scorer, predictor, ctx.loaders.val)
-    textures = _score_batches(scorer, predictor, _texture_batches(ctx.preset, cfg.batch_size))
-    tuned = tune(val, float(cfg.ood_keep))
-    scorer.threshold = tuned[scorer.method]["threshold"]
-    sanity = compare(val, textures, {m: v["threshold"] for m, v in tuned.items()})
-    entry = {"method": scorer.method, "threshold": scorer.threshold, "keep": float(cfg.ood_keep), "file": OOD_FILE,
-             "sha256": save_scorer(scorer, ctx.run_dir), "fit": fit,
-             "tune": {"split": "val", "n": len(val[scorer.method]), "kept": tuned[scorer.method]["kept"]},
-             "methods": {m: {**tuned[m], **{f"textures_{k}": v for k, v in sanity[m].items()}} for m in tuned},
-             "sanity_set": f"{len(textures[scorer.method])} generated grey stripes/checkerboards/noise "
-                           "(hierarchy.data.synth.make_ood)"}
-    _plot(ctx.run_dir, val[scorer.method], textures[scorer.method], scorer.threshold, scorer.method)
-    _summary(entry)
+    entry = fit_ood(_predictor(ctx, model), ctx.loaders.train.dataset.samples, ctx.loaders.val.dataset.samples,
+                    list(ctx.stage.labels), ctx.run_dir, method=cfg.ood_method, k=cfg.ood_k, keep=float(cfg.ood_keep),
+                    tune_on=cfg.ood_tune, seed=cfg.seed, batch_size=cfg.batch_size, workers=cfg.workers,
+                    outlier_sources=outlier_sources(ctx.data))
     return {"ood": entry}
+
+
+def outlier_sources(data: Path) -> set[str]:
+    """Keys of the dataset's ``outliers`` sources (generated negatives), from its dataset.json."""
+    import json
+
+    try:
+        info = json.loads((Path(data) / "dataset.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return set()
+    return {k for k, v in (info.get("sources") or {}).items() if isinstance(v, dict) and v.get("type") == "outliers"}
+
+
+def fit_ood(predictor: Predictor, train: Sequence["Sample"], val: Sequence["Sample"], labels: list[str],
+            run_dir: Path, *, method: str, k: int, keep: float, tune_on: str = "shifted", seed: int = 0,
+            batch_size: int = 64, workers: Any = "auto", outlier_sources: set[str] = frozenset()) -> dict[str, Any]:
+    """Fit every scorer on ``train``'s features, tune its threshold to keep ``keep`` of ``val`` (left out:
+    images from outlier-exposure sources, which are out of distribution by design; ``shifted``: val seen
+    through :data:`SHIFT_VIEWS`), write ``ood.safetensors`` into ``run_dir``; return the metadata entry."""
+    train_f, _, train_y = extract(predictor, _plain_batches(train, labels, predictor.preset, batch_size, workers, seed))
+    scorer, fit = fit_scorer(train_f, train_y, method, k, seed=seed)
+    tune_set = [s for s in val if s.source not in outlier_sources] or list(val)
+    plain = _score_batches(scorer, predictor, _plain_batches(tune_set, labels, predictor.preset, batch_size, workers))
+    tuned_on = _score_batches(scorer, predictor, _shifted_batches(tune_set, labels, predictor.preset, batch_size,
+                                                                  seed)) if tune_on == "shifted" else plain
+    textures = _score_batches(scorer, predictor, _texture_batches(predictor.preset, batch_size))
+    tuned = tune(tuned_on, keep)
+    scorer.threshold = tuned[method]["threshold"]
+    sanity = compare(plain, textures, {m: v["threshold"] for m, v in tuned.items()})
+    kept_plain = {m: float((plain[m] <= tuned[m]["threshold"]).mean()) for m in tuned}
+    entry = {"method": method, "threshold": scorer.threshold, "keep": keep, "file": OOD_FILE,
+             "sha256": save_scorer(scorer, run_dir), "fit": fit,
+             "tune": {"split": "val", "views": tune_on, "n": len(tuned_on[method]), "kept": tuned[method]["kept"],
+                      "kept_plain_val": kept_plain[method], "left_out_sources": sorted(outlier_sources)},
+             "methods": {m: {**tuned[m], "kept_plain_val": kept_plain[m],
+                             **{f"textures_{key}": v for key, v in sanity[m].items()}} for m in tuned},
+             "sanity_set": f"{len(textures[method])} generated grey stripes/checkerboards/noise "
+                           "(hierarchy.data.synth.make_ood)"}
+    _plot(run_dir, plain[method], textures[method], scorer.threshold, method)
+    _summary(entry)
+    return entry
 
 
 def _score_batches(scorer: OODScorer, predictor: Predictor, batches: Any) -> dict[str, np.ndarray]:
@@ -79,14 +116,31 @@ def _predictor(ctx: "TrainContext", model: "nn.Module") -> Predictor:
     return Predictor.from_torch(model, ctx.stage.labels, ctx.preset, device=ctx.device, precision=ctx.precision)
 
 
-def _train_batches(ctx: "TrainContext") -> Any:
-    """The train split, in order, without augmentation or class weighting (capped, stratified)."""
+def _plain_batches(samples: Sequence["Sample"], labels: list[str], preset: Any, batch_size: int, workers: Any,
+                   seed: int | None = None) -> Any:
+    """``samples`` in order, without augmentation or class weighting (with ``seed``: a class-stratified
+    subsample of at most MAX_FIT_IMAGES)."""
     from hierarchy.train.loader import ImageDataset, batch_loader
 
-    ds = ctx.loaders.train.dataset
-    keep = stratified_subsample(np.asarray(ds.targets), MAX_FIT_IMAGES, ctx.cfg.seed)
-    plain = ImageDataset([ds.samples[i] for i in keep], list(ctx.stage.labels), ctx.preset, train=False, hflip=False)
-    return batch_loader(plain, ctx.cfg.batch_size, None, ctx.cfg.workers)
+    samples = list(samples)
+    if seed is not None:
+        keep = stratified_subsample(np.asarray([labels.index(s.label) for s in samples]), MAX_FIT_IMAGES, seed)
+        samples = [samples[i] for i in keep]
+    return batch_loader(ImageDataset(samples, labels, preset, train=False, hflip=False), batch_size, None, workers)
+
+
+def _shifted_batches(samples: Sequence["Sample"], labels: list[str], preset: Any, batch_size: int, seed: int) -> Any:
+    """``samples`` through :data:`SHIFT_VIEWS`, in one thread from a seeded RNG (reproducible)."""
+    import torch
+
+    from hierarchy.config.train import AugmentConfig
+    from hierarchy.train.augment import Augment
+    from hierarchy.train.loader import ImageDataset, batch_loader
+
+    torch.manual_seed(seed)
+    ds = ImageDataset(list(samples), labels, preset, train=True, hflip=False,
+                      recipe=Augment(False, AugmentConfig(**SHIFT_VIEWS)))
+    return batch_loader(ds, batch_size, None, 0)
 
 
 def _texture_batches(preset: Any, batch_size: int, n: int = 60) -> list[tuple[np.ndarray, np.ndarray]]:
