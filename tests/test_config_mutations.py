@@ -8,6 +8,7 @@ mutation goes through `hierarchy validate` / `hierarchy run` / `hierarchy train 
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -144,6 +145,9 @@ def spies(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         return record
 
     class NoRouter:
+        pipeline = SimpleNamespace(root="root")
+        stages = {"root": SimpleNamespace(predictor=SimpleNamespace(tuned=None))}  # untuned: batch 32
+
         def run(self, *args: Any, **kwargs: Any) -> Any:
             return iter(())
 

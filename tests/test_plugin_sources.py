@@ -121,8 +121,8 @@ def test_unknown_or_missing_source_type_names_the_key_and_the_known_types(pets, 
     cfg.write_text("dataset:\n  sources:\n    - {type: csvlist}\n    - {type: dicom, root: x}\n    - {root: y}\n")
     assert main(["build-dataset", "pets", "--config", str(cfg)]) == 2
     err = capsys.readouterr().err
-    assert "dataset.sources.1.type: unknown source type 'dicom'; known types: coco, csvlist, folder, ham10000" in err
-    assert "dataset.sources.2.type: field required: the source type, one of coco, csvlist, folder, ham10000" in err
+    assert "dataset.sources.1.type: unknown source type 'dicom'; known types: coco, csvlist, folder, ham10000, outliers" in err
+    assert "dataset.sources.2.type: field required: the source type, one of coco, csvlist, folder, ham10000, outliers" in err
     assert str(cfg) in err and "dataset.sources.0" not in err
 
 
@@ -141,7 +141,7 @@ def test_reset_forgets_plugin_source_types(pets):
 
     assert "csvlist" in source_types()
     reset_registry()
-    assert set(source_types()) == {"coco", "folder", "ham10000"}
+    assert set(source_types()) == {"coco", "folder", "ham10000", "outliers"}
     with pytest.raises(ValueError, match="ListSource \\(type 'csvlist'\\) is not a registered source type"):
         Pets.Config()
 
@@ -174,7 +174,7 @@ def test_a_broken_source_registration_is_a_named_failure(no_autoload, cls, phase
     register_plugin(sources_plugin(cls), name="broken")
     [failure] = get_registry().failures
     assert (failure.plugin.name, failure.phase) == ("broken", phase) and message in failure.error
-    assert source_types()["coco"] is CocoSource and set(source_types()) == {"coco", "folder", "ham10000"}
+    assert source_types()["coco"] is CocoSource and set(source_types()) == {"coco", "folder", "ham10000", "outliers"}
 
 
 def test_a_source_type_two_plugins_register_is_used_by_neither(no_autoload):
@@ -205,7 +205,7 @@ def test_a_stage_whose_source_type_is_not_registered_is_refused(no_autoload):
     [failure] = get_registry().failures
     assert failure.phase == "register"
     assert failure.error == ("stage 'pets': its default config is invalid: DatasetConfig.sources.0: ListSource "
-                             "(type 'csvlist') is not a registered source type; known types: coco, folder, ham10000")
+                             "(type 'csvlist') is not a registered source type; known types: coco, folder, ham10000, outliers")
     with pytest.raises(UnknownStageError, match="its default config is invalid"):
         get_stage("pets")
 

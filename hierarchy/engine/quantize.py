@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import numpy as np
 
 from hierarchy.core.errors import ConfigError, DatasetError, EngineError, ExportError
-from hierarchy.core.fsutil import sha256_file
+from hierarchy.core.fsutil import atomic_write_bytes, sha256_file
 from hierarchy.engine.exported import INPUT_NAME, export_key, import_runtime, read_verified_export
 
 if TYPE_CHECKING:
@@ -202,7 +202,7 @@ def quantize_bytes(fp32: bytes, calibration: Sequence[np.ndarray], out_path: Pat
     quantization = import_runtime("onnxruntime.quantization", "onnx", "onnx")
     with tempfile.TemporaryDirectory(prefix="hierarchy-int8-") as tmp:
         src, pre, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
-        src.write_bytes(fp32)
+        atomic_write_bytes(src, fp32)
         quiet = logging.getLogger()
         level = quiet.level
         quiet.setLevel(logging.ERROR)  # the quantiser logs advice on the root logger
@@ -290,7 +290,6 @@ def make_entry(ckpt: "Checkpoint", int8: bytes, outputs: dict[str, tuple[np.ndar
 
 def publish(ckpt: "Checkpoint", entry: dict[str, Any], int8: bytes) -> None:
     """Write the int8 file (atomically) if it passed, remove any older one if not, and record ``entry``."""
-    from hierarchy.core.fsutil import atomic_write_bytes
     from hierarchy.models.metadata import read_metadata, update_metadata
 
     path = int8_path_for(ckpt.weights)

@@ -89,9 +89,10 @@ def write_outlier(path: Path, kind: str, photos: list[str], size: int, seed: int
         arr = _derived(rng, kind, photos[int(rng.integers(len(photos)))], size)
     else:
         arr = _texture(rng, size) if kind == "texture" else _blobs(rng, size)
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(tmp, "JPEG", quality=int(rng.integers(60, 96)))
-    os.replace(tmp, path)
+    from hierarchy.core.fsutil import atomic_write_with
+
+    image, quality = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)), int(rng.integers(60, 96))
+    atomic_write_with(path, lambda tmp: image.save(tmp, "JPEG", quality=quality))
 
 
 def _derived(rng: "np.random.Generator", kind: str, photo: str, size: int) -> "np.ndarray":
