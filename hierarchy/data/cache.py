@@ -3,7 +3,7 @@
 Layout: ``<data>/.hierarchy-cache/<key>.npy`` (an (N, 3, S, S) uint8 array, memory-mapped when read)
 and ``<key>.json`` beside it (which rows failed to decode, and what the key was made from). ``data`` is
 the dataset folder (or the folder of a manifest CSV); when it is not writable the cache goes to
-``$XDG_CACHE_HOME/hierarchy/<sha of the data path>/`` instead.
+``<user cache dir>/<sha of the data path>/`` (:func:`hierarchy.core.machine.user_cache_dir`) instead.
 
 ``key`` = SHA-256 of the manifest SHA-256 (``data.manifest_sha256``), the split, the image size and
 resize mode, the file list with each file's size and mtime, and :data:`CACHE_VERSION`. Changing the
@@ -75,8 +75,9 @@ def cache_dir(data: Path) -> Path:
     local = root / CACHE_DIR
     if _writable(local):
         return local
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hierarchy"
-    return base / hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
+    from hierarchy.core.machine import user_cache_dir
+
+    return user_cache_dir() / hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
 
 
 def _writable(folder: Path) -> bool:

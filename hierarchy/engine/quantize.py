@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import numpy as np
 
 from hierarchy.core.errors import ConfigError, DatasetError, EngineError, ExportError
-from hierarchy.core.fsutil import atomic_write_bytes, sha256_file
+from hierarchy.core.fsutil import atomic_write_bytes
+from hierarchy.core.statcache import file_sha256, read_bytes_sha256
 from hierarchy.engine.exported import INPUT_NAME, export_key, import_runtime, read_verified_export
 
 if TYPE_CHECKING:
@@ -76,7 +77,7 @@ def int8_problem(ckpt: "Checkpoint", hash_file: bool = True) -> str | None:
                 f"(SHA-256 differs from metadata.json); {make_hint(ckpt)}")
     if not path.is_file():
         return f"int8 export {path.name} recorded in metadata.json but not found; {make_hint(ckpt)}"
-    if hash_file and sha256_file(path) != entry["sha256"]:
+    if hash_file and file_sha256(path) != entry["sha256"]:  # once per file version (signed stat cache)
         return f"{path.name} is not the file recorded in metadata.json (replaced or corrupt); {make_hint(ckpt)}"
     return None
 
@@ -93,8 +94,8 @@ def read_verified_int8(ckpt: "Checkpoint") -> bytes:
     problem = int8_problem(ckpt, hash_file=False)
     if problem:
         raise ExportError(path, f"--precision int8 for {ckpt.run_dir}: {problem}")
-    data = path.read_bytes()
-    if hashlib.sha256(data).hexdigest() != int8_entry(ckpt)["sha256"]:  # type: ignore[index]
+    data, digest = read_bytes_sha256(path)  # hashed once per file version (signed stat cache)
+    if digest != int8_entry(ckpt)["sha256"]:  # type: ignore[index]
         raise ExportError(path, f"{path.name} is not the file recorded in metadata.json (replaced or corrupt); "
                           f"{make_hint(ckpt)}")
     return data
