@@ -6,7 +6,9 @@ shared HAM10000 + COCO, run it on ../shared/data/dev_eval and print the per-grou
 
 Columns: dermoscopy passed (status ok and label skin), everyday/textures/medical stopped (anything
 but ok + skin), ECE over the labelled groups (top-1 probability, argmax, 15 bins), selective error at
-90% coverage (the 10% least confident left out) and training time. Nothing is fitted on dev_eval.
+90% coverage (the 10% least confident left out), the gate's own selective error (errors among the
+images it answered: passed or stopped, rejection being its "stop" answer, abstentions left out) with
+its coverage, and training time. Nothing is fitted on dev_eval.
 """
 from __future__ import annotations
 
@@ -156,13 +158,16 @@ def scores(rows: list[dict[str, str]], records: list[dict[str, Any]]) -> dict[st
     out["ece"] = float(expected_calibration_error(conf, correct, n_bins=15))
     keep = np.argsort(-conf, kind="stable")[: int(np.ceil(0.9 * len(conf)))]
     out["selective_error_90"] = float((~correct[keep]).mean())
+    answered = np.array([r["status"] != "abstained" for r in records])
+    out["coverage"] = float(answered.mean())
+    out["error_answered"] = float((passed != skin)[answered].mean()) if answered.any() else float("nan")
     return out
 
 
 def table(results: dict[str, dict[str, float]]) -> str:
-    cols = [*GROUPS, "ece", "selective_error_90", "train_s"]
+    cols = [*GROUPS, "ece", "selective_error_90", "coverage", "error_answered", "train_s"]
     head = ("| recipe | dermoscopy passed | everyday stopped | textures stopped | medical stopped | skimage stopped "
-            "| ECE | sel. err @90% | train s |")
+            "| ECE | sel. err @90% | coverage | err. answered | train s |")
     lines = [head, "|" + "---|" * (len(cols) + 1)]
     for name, r in results.items():
         lines.append(f"| {name} | " + " | ".join(f"{r.get(c, float('nan')):.4f}" if c != "train_s" else

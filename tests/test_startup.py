@@ -280,3 +280,13 @@ def test_no_cache_without_a_verified_hash(cache: Path) -> None:
     model, _ = tiny_model()
     session_of(model, None)
     assert not (cache / onnx_cache.SUBDIR).exists()
+
+
+def test_a_command_start_imports_only_its_own_command_module() -> None:
+    code = ("import sys; from hierarchy.commands.cli import build_parser; build_parser(sys.argv[1:]); "
+            "print(' '.join(sorted(m for m in sys.modules if m.startswith('hierarchy.commands.'))))")
+    only = subprocess.run([sys.executable, "-c", code, "-q", "run", "p.yaml"], capture_output=True, text=True, check=True)
+    commands = {m for m in only.stdout.split() if not m.startswith("hierarchy.commands._")}  # helpers may load
+    assert commands == {"hierarchy.commands.cli", "hierarchy.commands.run"}
+    every = subprocess.run([sys.executable, "-c", code, "--help-me"], capture_output=True, text=True, check=True)
+    assert "hierarchy.commands.train" in every.stdout.split()  # no command named: all of them, for the listing

@@ -36,6 +36,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ood.add_argument("--ood-keep", type=float, metavar="Q", help="share of val the threshold keeps (default: the run's)")
     ood.add_argument("--ood-tune", choices=("shifted", "val"), help="tune on colour/JPEG/resolution-shifted val "
                      "views, or on val as is (default: the run's)")
+    ood.add_argument("--ood-per-class", action=argparse.BooleanOptionalAction, default=None,
+                     help="keep Q of each predicted class (class offsets) rather than of val as a whole "
+                     "(default: the run's, else on)")
     p.add_argument("--format", choices=("table", "json"), default="table")
     add_inference_options(p, workers=False)
     p.set_defaults(func=run)
@@ -64,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         from hierarchy.evaluate.ood_refit import refit_ood, render as render_ood
 
         result = refit_ood(Path(args.run_dir), Path(args.data), method=args.ood_method, keep=args.ood_keep,
-                           tune_on=args.ood_tune, device=args.device, precision=args.precision, engine=args.engine,
+                           tune_on=args.ood_tune, per_class=args.ood_per_class, device=args.device, precision=args.precision, engine=args.engine,
                            batch_size=args.batch_size)
         print(json.dumps(result, indent=2) if args.format == "json" else render_ood(result))
         return 0

@@ -21,14 +21,17 @@ COMMANDS = ("run", "validate", "stages", "build_dataset", "train", "evaluate", "
             "new_stage", "card", "bundle", "weights", "serve", "tune")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; given ``argv`` naming a command, only that command's module is imported (a start
+    of ``hierarchy run`` does not pay for importing the fourteen others)."""
     parser = argparse.ArgumentParser(
         prog="hierarchy", description="Hierarchical image classification: chain classifier stages, "
         "route each image by predicted label, abstain when unsure.")
     parser.add_argument("--version", action="version", version=f"hierarchy {__version__}")
     add_global_flags(parser, top=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMANDS:
+    named = _command_in(argv)
+    for name in (named,) if named else COMMANDS:
         try:
             module = importlib.import_module(f"hierarchy.commands.{name}")
         except ModuleNotFoundError as exc:
@@ -39,6 +42,16 @@ def build_parser() -> argparse.ArgumentParser:
     for command in dict.fromkeys(sub.choices.values()):  # `hierarchy run -q ...` as well as `hierarchy -q run ...`
         add_global_flags(command, top=False)
     return parser
+
+
+def _command_in(argv: Sequence[str] | None) -> str | None:
+    """The module of the command ``argv`` names (its first word that is not a global flag), if any."""
+    for word in argv or ():
+        if word in ("-v", "-vv", "-vvv", "--verbose", "-q", "--quiet"):
+            continue
+        name = word.replace("-", "_")
+        return name if name in COMMANDS else None
+    return None
 
 
 def add_global_flags(parser: argparse.ArgumentParser, top: bool) -> None:
@@ -52,9 +65,10 @@ def add_global_flags(parser: argparse.ArgumentParser, top: bool) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     with phase("parse arguments"):
-        parser = build_parser()
-        args = parser.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)  # `train --nproc-per-node` relaunches it
+        words = sys.argv[1:] if argv is None else argv
+        parser = build_parser(words)
+        args = parser.parse_args(words)
+    args.argv = list(words)  # `train --nproc-per-node` relaunches it
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 2

@@ -47,12 +47,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        help="fit the out-of-distribution score (default on)")
     after.add_argument("--ood-method", choices=("knn", "mahalanobis", "energy"))
     after.add_argument("--ood-keep", type=float, metavar="SHARE", help="OOD threshold keeps this share of val (0.99)")
+    after.add_argument("--ood-tune", choices=("shifted", "val"), help="tune it on shifted val views (default) or as is")
+    after.add_argument("--ood-per-class", action=argparse.BooleanOptionalAction, default=None,
+                       help="keep SHARE of each predicted class (default on), not of val as a whole")
     p.set_defaults(func=run)
 
 
 TRAIN_FLAGS = ("epochs", "batch_size", "img_size", "lr", "backbone", "pretrained", "device", "precision",
                "workers", "cache", "max_steps_per_epoch", "out", "name", "seed", "patience", "calibrate", "ood",
-               "ood_method", "ood_keep")
+               "ood_method", "ood_keep", "ood_tune", "ood_per_class")
 _NONE = object()  # --threshold-target none: an explicit null, unlike an absent flag
 
 

@@ -69,7 +69,7 @@ class Predictor(Protocol):
 class StageConfig(BaseModel):
     """Base for a stage's nested ``Config``: how to build its dataset and how to train it."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     dataset: DatasetConfig = Field(default_factory=DatasetConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)

@@ -17,7 +17,7 @@ class AugmentConfig(BaseModel):
     """Training-time augmentation of the uint8 (3, S, S) input, drawn per image and epoch.
     Every default is off, so the original recipe (hflip only, from ``TrainConfig.hflip``) is unchanged."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     crop_scale: Optional[Tuple[float, float]] = None  # random resized crop: area share range, e.g. [0.35, 1.0]
     crop_ratio: Tuple[float, float] = (3 / 4, 4 / 3)  # its aspect-ratio range
@@ -57,7 +57,7 @@ class AugmentConfig(BaseModel):
 
 
 class TrainConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     backbone: str = "resnet18"  # torchvision or timm name; prefix "timm/" or "torchvision/" to choose
     pretrained: str = "imagenet"  # imagenet | none | path to a local weights file
@@ -93,6 +93,7 @@ class TrainConfig(BaseModel):
     ood_keep: float = Field(default=0.99, gt=0, le=1)  # OOD threshold keeps this share of val images
     ood_method: Literal["knn", "mahalanobis", "energy"] = "mahalanobis"  # = ood.scores.DEFAULT_METHOD (docs/ood.md)
     ood_tune: Literal["val", "shifted"] = "shifted"  # tune on val as is, or on colour/JPEG/resolution-shifted views
+    ood_per_class: StrictBool = True  # keep ood_keep of each predicted class (class offsets), not of val as a whole
     ood_k: int = Field(default=5, ge=1, strict=True)  # neighbour rank for the knn score
     out: Path = Path("runs")  # run dir = out/<stage>/<name>
     name: str = "train"

@@ -16,7 +16,7 @@ SourceEntry = SerializeAsAny[Annotated[Source, PlainValidator(parse_source)]]
 
 
 class DatasetConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     sources: list[SourceEntry] = Field(default_factory=list)  # each validated by its `type` (built-in or plugin)
     seed: StrictInt = 0  # strict: YAML `true` or "3" is an error, not 1 or 3

@@ -28,7 +28,7 @@ Threshold = Union[StrictFloat, StrictInt, Literal["auto"]]
 class StageNode(BaseModel):
     """One node of the cascade: which stage plugin, which weights, when to abstain, where to go next."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     stage: StrictStr  # a registered stage name (`hierarchy stages`)
     weights: Optional[StrictStr] = None  # checkpoint file or run directory; relative to the YAML file
@@ -41,7 +41,7 @@ class StageNode(BaseModel):
 
 
 class Pipeline(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     name: StrictStr  # names the run and the evaluation output folder
     description: Optional[StrictStr] = None

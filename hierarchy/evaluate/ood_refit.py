@@ -9,7 +9,7 @@ from hierarchy.core.errors import HierarchyError
 
 
 def refit_ood(run_dir: Path, data: Path, *, method: str | None = None, keep: float | None = None,
-              tune_on: str | None = None, device: str = "auto", precision: str = "auto", engine: str = "auto",
+              tune_on: str | None = None, per_class: bool | None = None, device: str = "auto", precision: str = "auto", engine: str = "auto",
               batch_size: int = 64) -> dict[str, Any]:
     """Refit and store the run's ``ood`` entry; unset settings keep the run's (else the training defaults)."""
     from hierarchy.config.train import TrainConfig
@@ -28,7 +28,9 @@ def refit_ood(run_dir: Path, data: Path, *, method: str | None = None, keep: flo
     settings = {"method": method or before.get("method") or defaults.ood_method,
                 "keep": float(keep if keep is not None else before.get("keep") or defaults.ood_keep),
                 "tune_on": tune_on or (before.get("tune") or {}).get("views") or defaults.ood_tune,
-                "k": int((before.get("fit") or {}).get("k") or defaults.ood_k)}
+                "k": int((before.get("fit") or {}).get("k") or defaults.ood_k),
+                "per_class": per_class if per_class is not None else
+                (before["per_class"] is not None if "per_class" in before else defaults.ood_per_class)}
     train, _ = select_samples(Path(data), "train", labels=labels)
     val, _ = select_samples(Path(data), "val", labels=labels)
     predictor = load_stage_predictor(meta.stage, get_stage(meta.stage)(), meta_path.parent, device, precision, engine)
@@ -46,4 +48,5 @@ def render(summary: dict[str, Any]) -> str:
     old = (f"{b.get('method')} threshold {b['threshold']:.4g}" if b.get("threshold") is not None else "none")
     return (f"{summary['run']}: OOD {old} -> {a['method']} threshold {a['threshold']:.4g} "
             f"(keeps {a['tune']['kept']:.3f} of {a['tune']['n']} {a['tune']['views']} val views, "
-            f"{a['tune']['kept_plain_val']:.3f} of val as is)")
+            f"{a['tune']['kept_plain_val']:.3f} of val as is"
+            + (", per predicted class" if a.get("per_class") else "") + ")")

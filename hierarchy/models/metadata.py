@@ -47,7 +47,7 @@ def sniff_safetensors(path: Path) -> str | None:
 class CheckpointMetadata(BaseModel):
     """``metadata.json`` next to the weights. Unknown fields are kept (forward compatible)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", defer_build=True)
 
     format: Literal["hierarchy.checkpoint"] = FORMAT
     schema_version: int = SCHEMA_VERSION

@@ -14,6 +14,7 @@ from hierarchy.ood.scores import DEFAULT_K, DEFAULT_METHOD, OODScorer, l2_normal
 
 BANK_SIZE = 2000  # train features kept for knn (class-stratified subsample)
 MAX_FIT_IMAGES = 20000  # train images used to fit (class-stratified subsample beyond this)
+MIN_CLASS_TUNE = 100  # val images a class needs to get its own offset (fewer: a quantile too noisy to trust)
 
 
 def ledoit_wolf_shrinkage(x: np.ndarray) -> float:
@@ -79,15 +80,42 @@ def fit_scorer(features: np.ndarray, targets: np.ndarray, method: str = DEFAULT_
     return scorer, facts
 
 
-def tune(scores_in: dict[str, np.ndarray], keep: float) -> dict[str, dict[str, float]]:
-    """Per method: the threshold keeping ``keep`` of the in-distribution scores, and the share kept."""
+def tune(scores_in: dict[str, np.ndarray], keep: float, relative: bool = False) -> dict[str, dict[str, float]]:
+    """Per method: the threshold keeping ``keep`` of the in-distribution scores (0 for class-relative
+    scores, whose offsets already did the tuning), and the share kept."""
     from hierarchy.metrics.thresholds import threshold_for_tpr_in
 
     out = {}
     for m, s in scores_in.items():
-        t = threshold_for_tpr_in(s, keep)
+        t = 0.0 if relative else threshold_for_tpr_in(s, keep)
         out[m] = {"threshold": t, "kept": float((s <= t).mean())}
     return out
+
+
+def class_offsets(raw: dict[str, np.ndarray], predicted: np.ndarray, n_classes: int, keep: float,
+                  min_n: int = MIN_CLASS_TUNE) -> dict[str, np.ndarray]:
+    """Per method, (C,) offsets: the ``keep`` quantile of the raw scores of the tuning images predicted
+    as each class with at least ``min_n`` of them, else the quantile of the whole set. Subtracted from
+    the raw score of an image predicted as that class (:meth:`OODScorer.relative`), they make 0 the
+    threshold that keeps ``keep`` of every well-populated class."""
+    from hierarchy.metrics.thresholds import threshold_for_tpr_in
+
+    predicted = np.asarray(predicted)
+    out = {}
+    for m, s in raw.items():
+        s = np.asarray(s, dtype=np.float64)
+        off = np.full(n_classes, _up32(threshold_for_tpr_in(s, keep)), np.float32)
+        for c in range(n_classes):
+            if (predicted == c).sum() >= min_n:
+                off[c] = _up32(threshold_for_tpr_in(s[predicted == c], keep))
+        out[m] = off
+    return out
+
+
+def _up32(q: float) -> np.float32:
+    """``q`` as float32, rounded up: the image at the quantile is still kept after the cast."""
+    v = np.float32(q)
+    return np.nextafter(v, np.float32(np.inf)) if float(v) < q else v  # float(): NEP 50 would compare in float32
 
 
 def compare(scores_in: dict[str, np.ndarray], scores_out: dict[str, np.ndarray],

@@ -13,6 +13,13 @@ Three scores from the forward pass the predictor already runs (higher = less lik
 Features reach the host anyway (every backend returns numpy), so scoring is float32 numpy whatever
 the engine; the statistics live in ``ood.safetensors`` beside the weights (read with
 ``safetensors.numpy``, no pickle). Fitting is in :mod:`hierarchy.ood.fit`.
+
+**Class-relative scores.** A scorer may carry per-class ``offsets`` for a method: the score of an image
+is then its raw score minus the offset of its predicted class (argmax of the logits). Tuning sets each
+offset to that class's own ``keep`` quantile on val (:func:`hierarchy.ood.fit.class_offsets`), so the
+threshold is 0 and every well-populated class keeps the same share of its images. A single quantile of
+val as a whole is set by the widest class (a gate's diverse non-skin photos) and lets through whatever
+is predicted as a tight class (skin) inside that spread (docs/ood.md).
 """
 from __future__ import annotations
 
@@ -72,7 +79,8 @@ class OODScorer:
 
     def __init__(self, method: str = DEFAULT_METHOD, threshold: float | None = None, *,
                  means: np.ndarray | None = None, precision: np.ndarray | None = None,
-                 bank: np.ndarray | None = None, k: int = DEFAULT_K):
+                 bank: np.ndarray | None = None, k: int = DEFAULT_K,
+                 offsets: dict[str, np.ndarray] | None = None):
         if method not in METHODS:
             raise ValueError(f"unknown OOD method {method!r}; use one of {', '.join(METHODS)}")
         self.method, self.threshold, self.k = method, threshold, int(k)
@@ -82,6 +90,12 @@ class OODScorer:
         if method not in self.available():
             raise ValueError(f"OOD method {method!r} needs statistics that were not given")
         _check_shapes(self.means, self.precision, self.bank)
+        self.offsets: dict[str, np.ndarray] = {}
+        for m, off in (offsets or {}).items():
+            off = np.asarray(off, dtype=np.float32)
+            if m not in METHODS or off.ndim != 1 or (self.means is not None and len(off) != len(self.means)):
+                raise ValueError(f"offsets for {m!r} must be one value per class, got shape {off.shape}")
+            self.offsets[m] = off
 
     def available(self) -> list[str]:
         """The methods this scorer has statistics for."""
@@ -90,8 +104,12 @@ class OODScorer:
         return [m for m in METHODS if have[m]]
 
     def score(self, features: np.ndarray, logits: np.ndarray, method: str | None = None) -> np.ndarray:
-        """(N,) float32 scores by ``method`` (default: the scorer's own)."""
+        """(N,) float32 scores by ``method`` (default: the scorer's own), class-relative where it has offsets."""
         method = method or self.method
+        return self.relative(self.raw_score(features, logits, method), logits, method)
+
+    def raw_score(self, features: np.ndarray, logits: np.ndarray, method: str) -> np.ndarray:
+        """(N,) float32 scores by ``method`` before any class offset."""
         if method not in self.available():
             raise ValueError(f"OOD method {method!r} is not available (have {', '.join(self.available())})")
         if method == "energy":
@@ -100,6 +118,13 @@ class OODScorer:
             return mahalanobis_score(l2_normalize(features), self.means, self.precision)  # type: ignore[arg-type]
         return knn_score(features, self.bank, self.k)  # type: ignore[arg-type]
 
+    def relative(self, raw: np.ndarray, logits: np.ndarray, method: str) -> np.ndarray:
+        """``raw`` minus the offset of each row's predicted class (unchanged without offsets)."""
+        off = self.offsets.get(method)
+        if off is None or len(raw) == 0:
+            return raw
+        return (raw - off[np.asarray(logits).argmax(axis=1)]).astype(raw.dtype)
+
     def score_all(self, features: np.ndarray, logits: np.ndarray) -> dict[str, np.ndarray]:
         """Every available method's scores as float64 arrays (for fitting and evaluation)."""
         return {m: self.score(features, logits, m).astype(np.float64) for m in self.available()}
@@ -107,7 +132,8 @@ class OODScorer:
     def arrays(self) -> dict[str, np.ndarray]:
         """The statistics as stored in ``ood.safetensors`` (the bank in fp16)."""
         out = {"means": self.means, "precision": self.precision,
-               "bank": None if self.bank is None else self.bank.astype(np.float16)}
+               "bank": None if self.bank is None else self.bank.astype(np.float16),
+               **{f"offsets.{m}": off for m, off in self.offsets.items()}}
         return {k: np.ascontiguousarray(v) for k, v in out.items() if v is not None}
 
 
@@ -132,8 +158,9 @@ def load_scorer(ood: dict[str, Any] | None, run_dir: Path) -> OODScorer | None:
     arrays = _load_statistics(path, ood.get("sha256"))
     try:
         return OODScorer(str(ood["method"]), threshold, means=arrays.get("means"),
-                              precision=arrays.get("precision"), bank=arrays.get("bank"),
-                              k=int((ood.get("fit") or {}).get("k", DEFAULT_K)))
+                         precision=arrays.get("precision"), bank=arrays.get("bank"),
+                         k=int((ood.get("fit") or {}).get("k", DEFAULT_K)),
+                         offsets={k[len("offsets."):]: v for k, v in arrays.items() if k.startswith("offsets.")})
     except ValueError as e:
         raise CheckpointError(path, f"invalid OOD statistics: {e}") from e
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 import numpy as np
 
 from hierarchy.engine.predictor import Predictor
-from hierarchy.ood.fit import MAX_FIT_IMAGES, compare, fit_scorer, stratified_subsample, tune
+from hierarchy.ood.fit import MAX_FIT_IMAGES, MIN_CLASS_TUNE, class_offsets, compare, fit_scorer, stratified_subsample, tune
 from hierarchy.ood.scores import OOD_FILE, OODScorer, save_scorer
 
 if TYPE_CHECKING:
@@ -55,7 +55,7 @@ def fit_for_run(ctx: "TrainContext", model: "nn.Module") -> dict[str, Any]:
         return {}
     entry = fit_ood(_predictor(ctx, model), ctx.loaders.train.dataset.samples, ctx.loaders.val.dataset.samples,
                     list(ctx.stage.labels), ctx.run_dir, method=cfg.ood_method, k=cfg.ood_k, keep=float(cfg.ood_keep),
-                    tune_on=cfg.ood_tune, seed=cfg.seed, batch_size=cfg.batch_size, workers=cfg.workers,
+                    tune_on=cfg.ood_tune, per_class=cfg.ood_per_class, seed=cfg.seed, batch_size=cfg.batch_size, workers=cfg.workers,
                     outlier_sources=outlier_sources(ctx.data))
     return {"ood": entry}
 
@@ -72,19 +72,25 @@ def outlier_sources(data: Path) -> set[str]:
 
 
 def fit_ood(predictor: Predictor, train: Sequence["Sample"], val: Sequence["Sample"], labels: list[str],
-            run_dir: Path, *, method: str, k: int, keep: float, tune_on: str = "shifted", seed: int = 0,
-            batch_size: int = 64, workers: Any = "auto", outlier_sources: set[str] = frozenset()) -> dict[str, Any]:
+            run_dir: Path, *, method: str, k: int, keep: float, tune_on: str = "shifted", per_class: bool = True,
+            seed: int = 0, batch_size: int = 64, workers: Any = "auto",
+            outlier_sources: set[str] = frozenset()) -> dict[str, Any]:
     """Fit every scorer on ``train``'s features, tune its threshold to keep ``keep`` of ``val`` (left out:
     images from outlier-exposure sources, which are out of distribution by design; ``shifted``: val seen
-    through :data:`SHIFT_VIEWS`), write ``ood.safetensors`` into ``run_dir``; return the metadata entry."""
+    through :data:`SHIFT_VIEWS`; ``per_class``: ``keep`` of each predicted class, through class offsets),
+    write ``ood.safetensors`` into ``run_dir``; return the metadata entry."""
     train_f, _, train_y = extract(predictor, _plain_batches(train, labels, predictor.preset, batch_size, workers, seed))
     scorer, fit = fit_scorer(train_f, train_y, method, k, seed=seed)
     tune_set = [s for s in val if s.source not in outlier_sources] or list(val)
-    plain = _score_batches(scorer, predictor, _plain_batches(tune_set, labels, predictor.preset, batch_size, workers))
-    tuned_on = _score_batches(scorer, predictor, _shifted_batches(tune_set, labels, predictor.preset, batch_size,
-                                                                  seed)) if tune_on == "shifted" else plain
-    textures = _score_batches(scorer, predictor, _texture_batches(predictor.preset, batch_size))
-    tuned = tune(tuned_on, keep)
+    plain = _raw_scores(scorer, predictor, _plain_batches(tune_set, labels, predictor.preset, batch_size, workers))
+    tuned_on = _raw_scores(scorer, predictor, _shifted_batches(tune_set, labels, predictor.preset, batch_size,
+                                                               seed)) if tune_on == "shifted" else plain
+    textures = _raw_scores(scorer, predictor, _texture_batches(predictor.preset, batch_size))
+    predicted = tuned_on[1].argmax(axis=1)
+    if per_class:
+        scorer.offsets = class_offsets(tuned_on[0], predicted, len(labels), keep)
+    plain, tuned_on, textures = (_relative(scorer, *x) for x in (plain, tuned_on, textures))
+    tuned = tune(tuned_on, keep, relative=per_class)
     scorer.threshold = tuned[method]["threshold"]
     sanity = compare(plain, textures, {m: v["threshold"] for m, v in tuned.items()})
     kept_plain = {m: float((plain[m] <= tuned[m]["threshold"]).mean()) for m in tuned}
@@ -92,6 +98,7 @@ def fit_ood(predictor: Predictor, train: Sequence["Sample"], val: Sequence["Samp
              "sha256": save_scorer(scorer, run_dir), "fit": fit,
              "tune": {"split": "val", "views": tune_on, "n": len(tuned_on[method]), "kept": tuned[method]["kept"],
                       "kept_plain_val": kept_plain[method], "left_out_sources": sorted(outlier_sources)},
+             "per_class": _per_class(scorer, method, tuned_on[method], predicted, labels) if per_class else None,
              "methods": {m: {**tuned[m], "kept_plain_val": kept_plain[m],
                              **{f"textures_{key}": v for key, v in sanity[m].items()}} for m in tuned},
              "sanity_set": f"{len(textures[method])} generated grey stripes/checkerboards/noise "
@@ -101,9 +108,26 @@ def fit_ood(predictor: Predictor, train: Sequence["Sample"], val: Sequence["Samp
     return entry
 
 
-def _score_batches(scorer: OODScorer, predictor: Predictor, batches: Any) -> dict[str, np.ndarray]:
+def _per_class(scorer: OODScorer, method: str, scores: np.ndarray, predicted: np.ndarray,
+               labels: list[str]) -> dict[str, Any]:
+    """Offsets, tuning images and share kept, per predicted class (what metadata.json shows)."""
+    rows = {}
+    for c, lab in enumerate(labels):
+        mine = scores[predicted == c]
+        rows[lab] = {"offset": float(scorer.offsets[method][c]), "n": int(len(mine)),
+                     "own_quantile": bool(len(mine) >= MIN_CLASS_TUNE),
+                     "kept": float((mine <= scorer.threshold).mean()) if len(mine) else None}
+    return {"min_n": MIN_CLASS_TUNE, "classes": rows}
+
+
+def _raw_scores(scorer: OODScorer, predictor: Predictor, batches: Any) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Every method's raw scores (no class offsets) and the logits, over ``batches``."""
     feats, logits, _ = extract(predictor, batches)
-    return scorer.score_all(feats, logits)
+    return {m: scorer.raw_score(feats, logits, m).astype(np.float64) for m in scorer.available()}, logits
+
+
+def _relative(scorer: OODScorer, raw: dict[str, np.ndarray], logits: np.ndarray) -> dict[str, np.ndarray]:
+    return {m: scorer.relative(s, logits, m) for m, s in raw.items()}
 
 
 def _predictor(ctx: "TrainContext", model: "nn.Module") -> Predictor:

@@ -21,7 +21,7 @@ class Source(BaseModel):
     """One place images and labels come from. ``name`` (default: the type) is the source's key for
     ``--source NAME=DIR``, which replaces ``root``; ``max_images`` caps it, whole groups at a time."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     type: str
     name: Optional[str] = None  # its key for `--source NAME=DIR` (default: its type); two of one type need one
