@@ -21,10 +21,12 @@ def add_inference_options(p: argparse.ArgumentParser, workers: bool = True) -> N
     from hierarchy.core.precision import PRECISIONS
     from hierarchy.engine.backends import ENGINES, engine_names
 
-    p.add_argument("--batch-size", type=positive_int, default=32, metavar="N")
+    p.add_argument("--batch-size", type=positive_int, default=None, metavar="N",
+                   help="default: the batch size tuning picked for the root stage (hierarchy tune), else 32")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N|mps (default: auto)")
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="auto: bf16 on CPUs with AVX512-BF16/AMX and on CUDA, else fp32")
+                   help="auto (default): the fastest one measured on this machine (docs/tuning.md); "
+                   "with HIERARCHY_TUNE=off bf16 on CPUs with AMX and on CUDA, else fp32")
     engines = "; ".join(f"{name}: {spec.summary}" for name, spec in ENGINES.items())
     p.add_argument("--engine", default="auto", metavar="|".join(engine_names()),
                    help=f"auto (default): an exported engine whose runtime is installed and whose export is "

@@ -67,14 +67,14 @@ def run(args: argparse.Namespace) -> int:
         from hierarchy.evaluate.ood_refit import refit_ood, render as render_ood
 
         result = refit_ood(Path(args.run_dir), Path(args.data), method=args.ood_method, keep=args.ood_keep,
-                           tune_on=args.ood_tune, per_class=args.ood_per_class, device=args.device, precision=args.precision, engine=args.engine,
-                           batch_size=args.batch_size)
+                           tune_on=args.ood_tune, per_class=args.ood_per_class, device=args.device,
+                           precision=args.precision, engine=args.engine, batch_size=args.batch_size or 64)
         print(json.dumps(result, indent=2) if args.format == "json" else render_ood(result))
         return 0
     from hierarchy.evaluate.calibrate import calibrate_run, render
 
     summary = calibrate_run(Path(args.run_dir), Path(args.data), split=args.split, target=target_from_args(args),
                             refit_temperature=args.temperature, device=args.device, precision=args.precision,
-                            engine=args.engine, batch_size=args.batch_size, target_recall=args.target_recall)
+                            engine=args.engine, batch_size=args.batch_size or 32, target_recall=args.target_recall)
     print(json.dumps(summary, indent=2) if args.format == "json" else render(summary))
     return 0

@@ -267,7 +267,7 @@ class Evaluation:
     items: list[dict[str, Any]]  # one per decoded item: path, truth, prediction (records.jsonl)
 
 
-def evaluate(pipe: Pipeline, data: Path, *, split: str | None = None, batch_size: int = 32, device: str = "auto",
+def evaluate(pipe: Pipeline, data: Path, *, split: str | None = None, batch_size: int | None = None, device: str = "auto",
              precision: str = "auto", engine: str = "auto", workers: int | None = None, progress: bool = True,
              router: "Router | None" = None, ood: Path | None = None, by: Sequence[str] = (),
              n_resamples: int = 1000, seed: int = 0) -> Evaluation:
@@ -280,6 +280,7 @@ def evaluate(pipe: Pipeline, data: Path, *, split: str | None = None, batch_size
     from hierarchy.data.batches import decode_batches
     from hierarchy.evaluate.summary import build_report
     from hierarchy.engine.router import Router
+    from hierarchy.engine.tune import router_batch_size
 
     start = time.perf_counter()
     data = Path(data)
@@ -289,6 +290,7 @@ def evaluate(pipe: Pipeline, data: Path, *, split: str | None = None, batch_size
     truths, truth_info = assign_truth(samples, hier, columns)  # before any weights load
     groups = _group_specs(by, columns, data, truths, samples)
     router = router or Router.from_pipeline(pipe, device=device, precision=precision, engine=engine)
+    batch_size = router_batch_size(router, batch_size)
     collector = _Collector(router, hier, batch_size)
     chunk = max(batch_size, 64)
     with tqdm(total=len(samples), desc="evaluate", unit="img", file=sys.stderr,

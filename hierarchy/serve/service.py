@@ -23,6 +23,7 @@ from hierarchy.data.batches import Decoded, default_workers, preset_key
 from hierarchy.data.decode import DRAFT_MARGIN, pil_to_array
 from hierarchy.data.imageio import decode_image_bytes
 from hierarchy.engine.pipeline import load_pipeline
+from hierarchy.engine.tune import router_batch_size
 from hierarchy.explain import DEFAULT_METHOD
 from hierarchy.serve.batcher import Batcher
 from hierarchy.serve.limits import Limits
@@ -54,7 +55,7 @@ class ServeOptions:
     device: str = "auto"
     precision: str = "auto"
     engine: str = "auto"
-    batch_size: int = 32
+    batch_size: int | None = None  # None: what tuning picked for the root stage, else 32
     workers: int | None = None
     explain_method: str = DEFAULT_METHOD
     explain_layers: Mapping[str, str] = field(default_factory=dict)
@@ -94,7 +95,8 @@ class Service:
             self.explainer = Explainer(router, o.explain_method, o.explain_layers, o.device).preload()
             self.info = pipeline_info(router)
             self.router = router
-            self.batcher = Batcher(lambda items: router.route(items, o.batch_size), o.batch_size,
+            batch = router_batch_size(router, o.batch_size)
+            self.batcher = Batcher(lambda items: router.route(items, batch), batch,
                                    on_batch=self.metrics.batch.observe)
         except Exception as exc:
             self.error = f"{type(exc).__name__}: {exc}"
