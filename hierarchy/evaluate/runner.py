@@ -267,9 +267,9 @@ class Evaluation:
     items: list[dict[str, Any]]  # one per decoded item: path, truth, prediction (records.jsonl)
 
 
-def evaluate(pipe: Pipeline, data: Path, *, split: str | None = None, batch_size: int | None = None, device: str = "auto",
-             precision: str = "auto", engine: str = "auto", workers: int | None = None, progress: bool = True,
-             router: "Router | None" = None, ood: Path | None = None, by: Sequence[str] = (),
+def evaluate(pipe: Pipeline, data: Path, *, split: str | None = None, batch_size: int | None = None,
+             device: str = "auto", precision: str = "auto", engine: str = "auto", workers: int | None = None,
+             progress: bool = True, router: "Router | None" = None, ood: Path | None = None, by: Sequence[str] = (),
              n_resamples: int = 1000, seed: int = 0) -> Evaluation:
     """Run ``pipe`` over labelled ``data`` and compute the full report (nothing is written).
     ``ood``: a folder of known out-of-distribution images, reported under ``report["ood"]``;

@@ -125,9 +125,11 @@ class OODScorer:
             return raw
         return (raw - off[np.asarray(logits).argmax(axis=1)]).astype(raw.dtype)
 
-    def score_all(self, features: np.ndarray, logits: np.ndarray) -> dict[str, np.ndarray]:
-        """Every available method's scores as float64 arrays (for fitting and evaluation)."""
-        return {m: self.score(features, logits, m).astype(np.float64) for m in self.available()}
+    def score_all(self, features: np.ndarray, logits: np.ndarray, raw: bool = False) -> dict[str, np.ndarray]:
+        """Every available method's scores as float64 arrays (for fitting and evaluation); ``raw``:
+        before class offsets."""
+        one = self.raw_score if raw else self.score
+        return {m: one(features, logits, m).astype(np.float64) for m in self.available()}
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The statistics as stored in ``ood.safetensors`` (the bank in fp16)."""

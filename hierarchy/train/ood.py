@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 import numpy as np
 
 from hierarchy.engine.predictor import Predictor
-from hierarchy.ood.fit import MAX_FIT_IMAGES, MIN_CLASS_TUNE, class_offsets, compare, fit_scorer, stratified_subsample, tune
+from hierarchy.ood.fit import (MAX_FIT_IMAGES, MIN_CLASS_TUNE, class_offsets, compare, fit_scorer,
+                               stratified_subsample, tune)
 from hierarchy.ood.scores import OOD_FILE, OODScorer, save_scorer
 
 if TYPE_CHECKING:
@@ -55,8 +56,8 @@ def fit_for_run(ctx: "TrainContext", model: "nn.Module") -> dict[str, Any]:
         return {}
     entry = fit_ood(_predictor(ctx, model), ctx.loaders.train.dataset.samples, ctx.loaders.val.dataset.samples,
                     list(ctx.stage.labels), ctx.run_dir, method=cfg.ood_method, k=cfg.ood_k, keep=float(cfg.ood_keep),
-                    tune_on=cfg.ood_tune, per_class=cfg.ood_per_class, seed=cfg.seed, batch_size=cfg.batch_size, workers=cfg.workers,
-                    outlier_sources=outlier_sources(ctx.data))
+                    tune_on=cfg.ood_tune, per_class=cfg.ood_per_class, seed=cfg.seed, batch_size=cfg.batch_size,
+                    workers=cfg.workers, outlier_sources=outlier_sources(ctx.data))
     return {"ood": entry}
 
 
@@ -123,7 +124,7 @@ def _per_class(scorer: OODScorer, method: str, scores: np.ndarray, predicted: np
 def _raw_scores(scorer: OODScorer, predictor: Predictor, batches: Any) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Every method's raw scores (no class offsets) and the logits, over ``batches``."""
     feats, logits, _ = extract(predictor, batches)
-    return {m: scorer.raw_score(feats, logits, m).astype(np.float64) for m in scorer.available()}, logits
+    return scorer.score_all(feats, logits, raw=True), logits
 
 
 def _relative(scorer: OODScorer, raw: dict[str, np.ndarray], logits: np.ndarray) -> dict[str, np.ndarray]:

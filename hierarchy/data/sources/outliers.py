@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Literal, Optional
 
 from pydantic import Field
 
+from hierarchy.core.fsutil import atomic_write_with
 from hierarchy.data.sources.base import Source, scan_images
 from hierarchy.data.sources.items import Item, Problems
 
@@ -89,8 +90,6 @@ def write_outlier(path: Path, kind: str, photos: list[str], size: int, seed: int
         arr = _derived(rng, kind, photos[int(rng.integers(len(photos)))], size)
     else:
         arr = _texture(rng, size) if kind == "texture" else _blobs(rng, size)
-    from hierarchy.core.fsutil import atomic_write_with
-
     image, quality = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)), int(rng.integers(60, 96))
     atomic_write_with(path, lambda tmp: image.save(tmp, "JPEG", quality=quality))
 
