@@ -1,6 +1,6 @@
 from hierarchy.core.phases import phase
 
 with phase("import hierarchy.commands.cli"):
-    from hierarchy.commands.cli import main
+    from hierarchy.commands.cli import entry
 
-raise SystemExit(main())
+entry()

@@ -220,3 +220,46 @@ def test_a_command_start_imports_only_its_own_command_module() -> None:
     assert commands == {"hierarchy.commands.cli", "hierarchy.commands.run"}
     every = subprocess.run([sys.executable, "-c", code, "--help-me"], capture_output=True, text=True, check=True)
     assert "hierarchy.commands.train" in every.stdout.split()  # no command named: all of them, for the listing
+
+
+# ---------------------------------------------------------------- exit without interpreter teardown
+
+FAST_EXIT_SCRIPT = """
+import atexit, pathlib, sys
+import hierarchy.commands.cli as cli
+out = pathlib.Path(sys.argv[1])
+
+class Teardown:  # reached only when the interpreter frees its modules
+    def __del__(self):
+        (out / "teardown").write_text("freed")
+
+keep = Teardown()
+
+def command(argv=None):
+    atexit.register(lambda: (out / "atexit").write_text("ran"))  # e.g. a bundle's extracted folder
+    print("record", end="")  # buffered stdout: must still arrive
+    return int(sys.argv[2])
+
+cli.main = command
+cli.entry()
+"""
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_the_cli_exit_keeps_code_output_and_atexit_handlers_but_skips_teardown(tmp_path: Path, fast: bool) -> None:
+    env = {**os.environ, "HIERARCHY_FAST_EXIT": "on" if fast else "off"}
+    done = subprocess.run([sys.executable, "-c", FAST_EXIT_SCRIPT, str(tmp_path), "3"], capture_output=True,
+                          text=True, env=env, timeout=60)
+    assert (done.returncode, done.stdout) == (3, "record")
+    assert (tmp_path / "atexit").read_text() == "ran"
+    assert (tmp_path / "teardown").exists() is not fast
+
+
+def test_the_cli_exit_code_of_a_usage_error_is_kept(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "hierarchy", "run"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "usage:" in done.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stages: [1, 2\n")
+    done = subprocess.run([sys.executable, "-m", "hierarchy", "validate", str(bad)], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2 and str(bad) in done.stderr
