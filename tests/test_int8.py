@@ -78,6 +78,7 @@ def test_guard_passes_and_is_recorded(trained: tuple[Path, Path]) -> None:
     assert {"onnx", "openvino"} <= set(entry["engines"]) or set(entry["engines"]) == {"onnx"}
     for key in ("ece_fp32", "ece_int8", "ood_decision_flips", "ood_score_correlation", "date"):
         assert key in entry
+    assert entry["auroc_fp32"] == 1.0 and abs(entry["auroc_int8"] - entry["auroc_fp32"]) < 0.05
     assert abs(entry["ece_int8"] - entry["ece_fp32"]) < 0.05
     assert int8_problem(ckpt) is None and unmet_need(ENGINES["onnx"], ckpt, "cpu", "int8") is None
 
@@ -160,3 +161,23 @@ def test_int8_flags_are_checked(trained: tuple[Path, Path], tmp_path: Path, caps
     assert main(["export", str(pipe), "--int8", "--data", str(data)]) == 2
     err = capsys.readouterr().err
     assert "--data applies to --int8 only" in err and "--int8 needs --data" in err and "not a pipeline" in err
+
+
+def test_the_guard_measures_ranking_drift_and_warns_on_it() -> None:
+    import numpy as np
+
+    from hierarchy.engine.int8_guard import drift_warnings, guard_metrics
+
+    y = np.array([0, 0, 1, 1, 2, 2])
+    logits32 = 4.0 * np.eye(3)[y]
+    feats = np.zeros((6, 2))
+    same = guard_metrics((logits32, feats), (logits32.copy(), feats), y, 1.0)
+    assert same["auroc_fp32"] == same["auroc_int8"] == 1.0 and not drift_warnings(same)
+    # every argmax still right (top-1 agrees), but a class-1 image now has more class-0 probability
+    # than a class-0 image has: the ranking thresholds rely on is broken
+    logits8 = logits32.copy()
+    logits8[0] = [2.0, 1.9, 1.9]
+    logits8[2] = [1.9, 2.0, -10.0]
+    drifted = guard_metrics((logits32, feats), (logits8, feats), y, 1.0)
+    assert drifted["agreement"] == 1.0 and drifted["auroc_int8"] < 1.0
+    assert any("AUROC drops" in w for w in drift_warnings(drifted))
