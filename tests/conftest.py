@@ -45,6 +45,18 @@ def fake_stages(no_autoload):
 
 
 @pytest.fixture
+def user_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private user cache dir (stat cache, compiled models, tuner), no racy-window wait."""
+    from hierarchy.core import statcache
+
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("HIERARCHY_CACHE_DIR", str(folder))
+    monkeypatch.delenv(statcache.ENV, raising=False)
+    monkeypatch.setattr(statcache, "RACY_SECONDS", 0.0)
+    return folder
+
+
+@pytest.fixture
 def real_data() -> Path:
     if not (SHARED_DATA / "ham10000" / "HAM10000_metadata.csv").is_file():
         pytest.skip("../shared/data is absent")

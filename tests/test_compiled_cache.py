@@ -13,15 +13,6 @@ import pytest
 from hierarchy.core import statcache
 
 
-@pytest.fixture
-def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    folder = tmp_path / "cache"
-    monkeypatch.setenv("HIERARCHY_CACHE_DIR", str(folder))
-    monkeypatch.delenv(statcache.ENV, raising=False)
-    monkeypatch.setattr(statcache, "RACY_SECONDS", 0.0)
-    return folder
-
-
 def tiny_model(scale: float = 1.0) -> tuple[bytes, str]:
     """A one-MatMul ONNX model (x (N, 4) -> y (N, 3)) and its SHA-256."""
     pytest.importorskip("onnx")
@@ -47,7 +38,7 @@ def session_of(model: bytes, sha: str | None):
     return make_session(ort, model, ["CPUExecutionProvider"], Path("tiny.onnx"), sha)
 
 
-def test_the_optimised_graph_is_cached_and_reused(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_optimised_graph_is_cached_and_reused(user_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import numpy as np
 
     from hierarchy.engine.backends import onnx_cache
@@ -55,7 +46,7 @@ def test_the_optimised_graph_is_cached_and_reused(cache: Path, monkeypatch: pyte
     model, sha = tiny_model()
     x = np.ones((2, 4), np.float32)
     want = session_of(model, sha).run(None, {"x": x})[0]
-    assert len(list((cache / onnx_cache.SUBDIR).glob("*.onnx"))) == 1
+    assert len(list((user_cache / onnx_cache.SUBDIR).glob("*.onnx"))) == 1
     saved: list[str] = []
     monkeypatch.setattr(onnx_cache, "save_optimized", lambda *a: saved.append("again") or pytest.fail("re-optimised"))
     np.testing.assert_array_equal(session_of(model, sha).run(None, {"x": x})[0], want)
@@ -63,7 +54,7 @@ def test_the_optimised_graph_is_cached_and_reused(cache: Path, monkeypatch: pyte
 
 
 @pytest.mark.parametrize("tamper", ["graph", "record"])
-def test_a_tampered_optimised_graph_is_not_used(cache: Path, tamper: str, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_tampered_optimised_graph_is_not_used(user_cache: Path, tamper: str, caplog: pytest.LogCaptureFixture) -> None:
     import numpy as np
 
     from hierarchy.engine.backends import onnx_cache
@@ -71,7 +62,7 @@ def test_a_tampered_optimised_graph_is_not_used(cache: Path, tamper: str, caplog
     model, sha = tiny_model()
     x = np.ones((1, 4), np.float32)
     want = session_of(model, sha).run(None, {"x": x})[0]
-    graph = next((cache / onnx_cache.SUBDIR).glob("*.onnx"))
+    graph = next((user_cache / onnx_cache.SUBDIR).glob("*.onnx"))
     if tamper == "graph":  # another model with the same signature, put in its place
         graph.write_bytes(tiny_model(scale=2.0)[0])
     else:
@@ -83,12 +74,12 @@ def test_a_tampered_optimised_graph_is_not_used(cache: Path, tamper: str, caplog
     assert "not signed for this export" in caplog.text
 
 
-def test_no_cache_without_a_verified_hash(cache: Path) -> None:
+def test_no_cache_without_a_verified_hash(user_cache: Path) -> None:
     from hierarchy.engine.backends import onnx_cache
 
     model, _ = tiny_model()
     session_of(model, None)
-    assert not (cache / onnx_cache.SUBDIR).exists()
+    assert not (user_cache / onnx_cache.SUBDIR).exists()
 
 
 # ---------------------------------------------------------------- OpenVINO's compiled model
@@ -106,7 +97,7 @@ def infer(compiled, x):
     return compiled.create_infer_request().infer([x])[compiled.output(0)]
 
 
-def test_the_openvino_compiled_model_is_cached_and_imported(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_openvino_compiled_model_is_cached_and_imported(user_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import numpy as np
 
     from hierarchy.engine.backends import openvino_backend
@@ -115,7 +106,7 @@ def test_the_openvino_compiled_model_is_cached_and_imported(cache: Path, monkeyp
     x = np.ones((2, 4), np.float32)
     want = infer(compiled_of(model, sha), x)
     np.testing.assert_allclose(want, x @ np.arange(12, dtype=np.float32).reshape(4, 3))
-    assert len(list((cache / openvino_backend.SUBDIR).glob("*.blob"))) == 1
+    assert len(list((user_cache / openvino_backend.SUBDIR).glob("*.blob"))) == 1
     monkeypatch.setattr(openvino_backend, "compile_model", lambda *a: pytest.fail("compiled again"))
     imported = compiled_of(model, sha)
     np.testing.assert_array_equal(infer(imported, x), want)
@@ -123,7 +114,7 @@ def test_the_openvino_compiled_model_is_cached_and_imported(cache: Path, monkeyp
     assert str(imported.get_property("INFERENCE_PRECISION_HINT")) == "<Type: 'float32'>"
 
 
-def test_the_openvino_cache_is_keyed_by_precision_and_export(cache: Path) -> None:
+def test_the_openvino_cache_is_keyed_by_precision_and_export(user_cache: Path) -> None:
     import numpy as np
 
     from hierarchy.engine.backends import openvino_backend
@@ -135,11 +126,11 @@ def test_the_openvino_cache_is_keyed_by_precision_and_export(cache: Path) -> Non
     compiled_of(model, sha, "bf16")
     got = infer(compiled_of(other, other_sha), x)  # never the first export's blob
     np.testing.assert_allclose(got, 3 * (x @ np.arange(12, dtype=np.float32).reshape(4, 3)))
-    assert len(list((cache / openvino_backend.SUBDIR).glob("*.blob"))) == 3
+    assert len(list((user_cache / openvino_backend.SUBDIR).glob("*.blob"))) == 3
 
 
 @pytest.mark.parametrize("tamper", ["blob", "record", "garbage"])
-def test_a_tampered_openvino_blob_is_not_used(cache: Path, tamper: str, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_tampered_openvino_blob_is_not_used(user_cache: Path, tamper: str, caplog: pytest.LogCaptureFixture) -> None:
     import numpy as np
 
     from hierarchy.engine.backends import openvino_backend
@@ -147,7 +138,7 @@ def test_a_tampered_openvino_blob_is_not_used(cache: Path, tamper: str, caplog: 
     model, sha = tiny_model()
     x = np.ones((1, 4), np.float32)
     want = infer(compiled_of(model, sha), x)
-    blob = next((cache / openvino_backend.SUBDIR).glob("*.blob"))
+    blob = next((user_cache / openvino_backend.SUBDIR).glob("*.blob"))
     record = blob.with_suffix(".json")
     if tamper == "blob":  # another model's compiled blob, put in its place
         other, other_sha = tiny_model(scale=2.0)
@@ -163,10 +154,10 @@ def test_a_tampered_openvino_blob_is_not_used(cache: Path, tamper: str, caplog: 
     assert f"ignoring the cached {openvino_backend.SUBDIR} file" in caplog.text
 
 
-def test_no_openvino_cache_with_the_stat_cache_off(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_openvino_cache_with_the_stat_cache_off(user_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from hierarchy.engine.backends import openvino_backend
 
     monkeypatch.setenv(statcache.ENV, "off")
     model, sha = tiny_model()
     compiled_of(model, sha)
-    assert not (cache / openvino_backend.SUBDIR).exists()
+    assert not (user_cache / openvino_backend.SUBDIR).exists()

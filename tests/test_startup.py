@@ -19,16 +19,6 @@ from hierarchy.core import phases, statcache
 
 
 @pytest.fixture
-def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A private cache dir, no racy-window wait, and a count of every full hash."""
-    folder = tmp_path / "cache"
-    monkeypatch.setenv("HIERARCHY_CACHE_DIR", str(folder))
-    monkeypatch.delenv(statcache.ENV, raising=False)
-    monkeypatch.setattr(statcache, "RACY_SECONDS", 0.0)
-    return folder
-
-
-@pytest.fixture
 def hashes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Every full hash statcache computes (of a file, or of bytes it read)."""
     calls: list[str] = []
@@ -53,7 +43,7 @@ def weights(tmp_path: Path, data: bytes = b"w" * 4096) -> Path:
     return path
 
 
-def test_a_hit_skips_hashing(cache: Path, hashes: list[str], tmp_path: Path) -> None:
+def test_a_hit_skips_hashing(user_cache: Path, hashes: list[str], tmp_path: Path) -> None:
     path = weights(tmp_path)
     want = hashlib.sha256(path.read_bytes()).hexdigest()
     assert statcache.file_sha256(path) == want and len(hashes) == 1
@@ -62,7 +52,7 @@ def test_a_hit_skips_hashing(cache: Path, hashes: list[str], tmp_path: Path) -> 
     assert stat.S_IMODE(os.stat(statcache.key_path()).st_mode) == 0o600
 
 
-def test_read_bytes_records_for_file_sha256(cache: Path, hashes: list[str], tmp_path: Path) -> None:
+def test_read_bytes_records_for_file_sha256(user_cache: Path, hashes: list[str], tmp_path: Path) -> None:
     path = weights(tmp_path)
     data, digest = statcache.read_bytes_sha256(path)
     assert hashes == ["bytes"] and digest == hashlib.sha256(data).hexdigest()
@@ -70,7 +60,7 @@ def test_read_bytes_records_for_file_sha256(cache: Path, hashes: list[str], tmp_
 
 
 @pytest.mark.parametrize("change", ["size", "mtime", "same size and mtime"])
-def test_a_changed_file_is_hashed_again(cache: Path, hashes: list[str], tmp_path: Path, change: str) -> None:
+def test_a_changed_file_is_hashed_again(user_cache: Path, hashes: list[str], tmp_path: Path, change: str) -> None:
     path = weights(tmp_path)
     statcache.file_sha256(path)
     old = os.stat(path)
@@ -86,7 +76,7 @@ def test_a_changed_file_is_hashed_again(cache: Path, hashes: list[str], tmp_path
     assert len(hashes) == 2
 
 
-def test_a_replaced_file_is_hashed_again(cache: Path, hashes: list[str], tmp_path: Path) -> None:
+def test_a_replaced_file_is_hashed_again(user_cache: Path, hashes: list[str], tmp_path: Path) -> None:
     path = weights(tmp_path)
     statcache.file_sha256(path)
     other = tmp_path / "other"
@@ -104,7 +94,7 @@ def write_entries(e: dict) -> None:
 
 
 @pytest.mark.parametrize("tamper", ["sha256", "mac", "size"])
-def test_a_tampered_entry_is_ignored_with_a_warning(cache: Path, hashes: list[str], tmp_path: Path, tamper: str,
+def test_a_tampered_entry_is_ignored_with_a_warning(user_cache: Path, hashes: list[str], tmp_path: Path, tamper: str,
                                                     caplog: pytest.LogCaptureFixture) -> None:
     path = weights(tmp_path)
     want = statcache.file_sha256(path)
@@ -118,7 +108,7 @@ def test_a_tampered_entry_is_ignored_with_a_warning(cache: Path, hashes: list[st
     assert statcache.file_sha256(path) == want and len(hashes) == 2  # re-recorded, trusted again
 
 
-def test_an_entry_signed_with_another_key_is_ignored(cache: Path, hashes: list[str], tmp_path: Path,
+def test_an_entry_signed_with_another_key_is_ignored(user_cache: Path, hashes: list[str], tmp_path: Path,
                                                      caplog: pytest.LogCaptureFixture) -> None:
     path = weights(tmp_path)
     statcache.file_sha256(path)
@@ -131,7 +121,7 @@ def test_an_entry_signed_with_another_key_is_ignored(cache: Path, hashes: list[s
     assert len(hashes) == 2 and "signature does not match" in caplog.text
 
 
-def test_a_key_file_others_can_read_is_not_trusted(cache: Path, hashes: list[str], tmp_path: Path,
+def test_a_key_file_others_can_read_is_not_trusted(user_cache: Path, hashes: list[str], tmp_path: Path,
                                                    caplog: pytest.LogCaptureFixture) -> None:
     path = weights(tmp_path)
     statcache.file_sha256(path)
@@ -142,7 +132,7 @@ def test_a_key_file_others_can_read_is_not_trusted(cache: Path, hashes: list[str
 
 
 @pytest.mark.parametrize("text", ["{not json", "[1, 2]", '{"version": 99, "entries": {}}'])
-def test_a_corrupt_cache_file_is_ignored(cache: Path, hashes: list[str], tmp_path: Path, text: str,
+def test_a_corrupt_cache_file_is_ignored(user_cache: Path, hashes: list[str], tmp_path: Path, text: str,
                                          caplog: pytest.LogCaptureFixture) -> None:
     path = weights(tmp_path)
     statcache.file_sha256(path)
@@ -165,7 +155,7 @@ def test_an_unwritable_cache_dir_only_costs_the_hashing(tmp_path: Path, monkeypa
     assert len(hashes) == 2
 
 
-def test_a_freshly_written_file_is_not_recorded(cache: Path, hashes: list[str], tmp_path: Path,
+def test_a_freshly_written_file_is_not_recorded(user_cache: Path, hashes: list[str], tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(statcache, "RACY_SECONDS", 60.0)
     path = weights(tmp_path)
@@ -174,7 +164,7 @@ def test_a_freshly_written_file_is_not_recorded(cache: Path, hashes: list[str], 
     assert len(hashes) == 2 and not statcache.cache_path().exists()
 
 
-def test_off_hashes_every_time(cache: Path, hashes: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_off_hashes_every_time(user_cache: Path, hashes: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(statcache.ENV, "off")
     path = weights(tmp_path)
     statcache.file_sha256(path)
