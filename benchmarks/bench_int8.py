@@ -68,10 +68,12 @@ def speed_rows(ckpt: Any, fp32: bytes, int8: bytes, batches: list[np.ndarray], r
     return rows
 
 
-def trained(run: Path, data: Path, args: argparse.Namespace) -> tuple[Any, bytes]:
-    """Export and quantise a trained run like `hierarchy export --int8` does; print its guard."""
+def trained(run: Path, data: Path, args: argparse.Namespace) -> tuple[Any, bytes | None]:
+    """Export and quantise a trained run like `hierarchy export --int8` does; print its guard. The
+    int8 bytes are None when the guard refused the export (its numbers are printed all the same)."""
+    from hierarchy.core.errors import ExportError
     from hierarchy.engine.backends.base import Checkpoint
-    from hierarchy.engine.quantize import int8_path_for, quantize_checkpoint
+    from hierarchy.engine.quantize import int8_entry, int8_path_for, quantize_checkpoint
     from hierarchy.evaluate.runner import select_samples
 
     export_for_onnx(run)
@@ -79,18 +81,33 @@ def trained(run: Path, data: Path, args: argparse.Namespace) -> tuple[Any, bytes
     train, _ = select_samples(data, "train", labels=ckpt.meta.labels)
     val, _ = select_samples(data, "val", labels=ckpt.meta.labels)
     t = time.perf_counter()
-    entry = quantize_checkpoint(ckpt, train, val, calibration_images=args.calibration_images,
-                                batch_size=args.batch, min_agreement=args.min_agreement)
-    print(f"quantised and guarded in {time.perf_counter() - t:.1f} s on {entry['calibration_images']} training "
-          f"and {entry['val_images']} val images")
-    rows = [[name, f"{100 * m['agreement']:.2f}%", f"{m['accuracy_fp32']:.4f}", f"{m['accuracy_int8']:.4f}",
-             f"{m['ece_fp32']:.4f}", f"{m['ece_int8']:.4f}",
-             "-" if m["ood_decision_flips"] is None else f"{100 * m['ood_decision_flips']:.2f}%",
-             "-" if m["ood_score_correlation"] is None else f"{m['ood_score_correlation']:.4f}"]
-            for name, m in entry["engines"].items()]
-    print(table(["int8 engine", "top-1 agreement", "acc fp32", "acc int8", "ECE fp32", "ECE int8",
-                 "OOD flips", "OOD corr"], rows))
+    refused = None
+    try:
+        quantize_checkpoint(ckpt, train, val, calibration_images=args.calibration_images,
+                            batch_size=args.batch, min_agreement=args.min_agreement)
+    except ExportError as exc:  # the guard said no: still a result
+        refused = str(exc)
+    entry = int8_entry(Checkpoint.open(run)) or {}
+    print(f"quantised and guarded in {time.perf_counter() - t:.1f} s on {entry.get('calibration_images')} training "
+          f"and {entry.get('val_images')} val images")
+    print(table(["int8 engine", "top-1 agreement", "acc fp32", "acc int8", "AUROC fp32", "AUROC int8", "ECE fp32",
+                 "ECE int8", "OOD flips", "OOD corr"],
+                [[name, pct(m["agreement"]), *(num(m.get(k)) for k in ("accuracy_fp32", "accuracy_int8", "auroc_fp32",
+                                                                     "auroc_int8", "ece_fp32", "ece_int8")),
+                  pct(m["ood_decision_flips"]), num(m["ood_score_correlation"])]
+                 for name, m in entry.get("engines", {}).items()]))
+    if refused:
+        print(f"refused: {refused}")
+        return ckpt, None
     return Checkpoint.open(run), int8_path_for(ckpt.weights).read_bytes()
+
+
+def pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f}%"
+
+
+def num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"
 
 
 def untrained(folder: Path, images: list[Path], batch: int) -> tuple[Any, bytes]:
@@ -126,6 +143,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         images = make_jpegs(args.images or Path(tmp) / "imgs", min(args.n, 64))
         ckpt, int8 = trained(args.run, args.data, args) if args.run else untrained(Path(tmp), images, args.batch)
+        if int8 is None:
+            return  # refused by its guard: there is no int8 model to time
         from hierarchy.data.batches import decode_item
         from hierarchy.engine.exported import read_verified_export
 

@@ -53,11 +53,11 @@ def make_hint(ckpt: "Checkpoint") -> str:
 
 
 def guard_text(entry: dict[str, Any]) -> str:
-    """``agreement 97.1% < 99.5%`` (or ``>=``) from a recorded attempt."""
+    """``agreement 97.12% < 99.50%`` (or ``>=``) from a recorded attempt (two decimals: 99.47% is not 99.5%)."""
     agreement, minimum = entry.get("agreement"), entry.get("min_agreement")
     if not isinstance(agreement, (int, float)) or not isinstance(minimum, (int, float)):
         return "no agreement recorded"
-    return f"agreement {100 * agreement:.1f}% {'>=' if agreement >= minimum else '<'} {100 * minimum:.1f}%"
+    return f"agreement {100 * agreement:.2f}% {'>=' if agreement >= minimum else '<'} {100 * minimum:.2f}%"
 
 
 def int8_problem(ckpt: "Checkpoint", hash_file: bool = True) -> str | None:
