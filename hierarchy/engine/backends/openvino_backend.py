@@ -17,6 +17,7 @@ import numpy as np
 
 from hierarchy.core import statcache
 from hierarchy.core.errors import EngineError, ExportError
+from hierarchy.core.fsutil import atomic_write_bytes
 from hierarchy.core.phases import phase
 from hierarchy.engine.backends import compiled_cache
 from hierarchy.engine.backends.base import Checkpoint
@@ -97,7 +98,7 @@ def save_compiled(compiled: Any, key: str, sha256: str) -> None:
     tmp = compiled_cache.temp_path(SUBDIR, key, SUFFIX)
     try:
         tmp.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_bytes(compiled.export_model().getvalue())
+        atomic_write_bytes(tmp, compiled.export_model().getvalue())
     except Exception as exc:  # noqa: BLE001 - OpenVINO raises its own types; no cache dir is an OSError
         log.info("not caching the compiled model (%s)", exc)
         tmp.unlink(missing_ok=True)
