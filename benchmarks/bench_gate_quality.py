@@ -56,7 +56,8 @@ ABLATIONS = {"no-ema": _without(RECIPES[RECOMMENDED], "ema"),
              "no-photometric": _without(RECIPES[RECOMMENDED], augment=("color_jitter", "hue", "jpeg_quality",
                                                                         "downscale")),
              "no-crop": _without(RECIPES[RECOMMENDED], augment=("crop_scale",))}
-RECIPES |= {f"{RECOMMENDED}-{name}": recipe for name, recipe in ABLATIONS.items()}
+ABLATION_RECIPES = {f"{RECOMMENDED}-{name}": recipe for name, recipe in ABLATIONS.items()}
+RECIPES |= ABLATION_RECIPES
 GROUPS = ("dermoscopy", "everyday", "textures", "medical_nonskin", "skimage")
 
 
@@ -212,7 +213,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=str(SHARED), help="holds ham10000/ and coco/")
     p.add_argument("--dev-eval", default=str(SHARED / "dev_eval"))
-    p.add_argument("--recipes", nargs="+", default=[r for r in RECIPES if r[len(RECOMMENDED) + 1:] not in ABLATIONS],
+    p.add_argument("--recipes", nargs="+", default=[r for r in RECIPES if r not in ABLATION_RECIPES],
                    choices=list(RECIPES), help="default: every recipe but the ablations of the recommended one")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="train each recipe once per seed")
     p.add_argument("--per-class", type=int, default=None, help="max_per_class of the built dataset")

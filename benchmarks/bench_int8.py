@@ -87,7 +87,8 @@ def trained(run: Path, data: Path, args: argparse.Namespace) -> tuple[Any, bytes
                             batch_size=args.batch, min_agreement=args.min_agreement)
     except ExportError as exc:  # the guard said no: still a result
         refused = str(exc)
-    entry = int8_entry(Checkpoint.open(run)) or {}
+    ckpt = Checkpoint.open(run)  # metadata.json now holds the attempt
+    entry = int8_entry(ckpt) or {}
     print(f"quantised and guarded in {time.perf_counter() - t:.1f} s on {entry.get('calibration_images')} training "
           f"and {entry.get('val_images')} val images")
     print(table(["int8 engine", "top-1 agreement", "acc fp32", "acc int8", "AUROC fp32", "AUROC int8", "ECE fp32",
@@ -99,7 +100,7 @@ def trained(run: Path, data: Path, args: argparse.Namespace) -> tuple[Any, bytes
     if refused:
         print(f"refused: {refused}")
         return ckpt, None
-    return Checkpoint.open(run), int8_path_for(ckpt.weights).read_bytes()
+    return ckpt, int8_path_for(ckpt.weights).read_bytes()
 
 
 def pct(x: float | None) -> str:

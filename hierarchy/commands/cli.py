@@ -103,24 +103,19 @@ def entry() -> NoReturn:
     threads are joined and atexit handlers run before it (Python runs them last-registered first,
     and this one is registered before any but logging's), then logging and the standard streams are
     flushed. ``HIERARCHY_FAST_EXIT=off`` exits the usual way."""
+    outcome: list[int | str | None] = [1]  # an uncaught exception: its traceback is printed, then exit 1
     if os.environ.get(FAST_EXIT_ENV, "").strip().lower() not in ("off", "0", "false", "no"):
-        atexit.register(_exit_without_teardown)
-    code: int | str | None = 1  # an uncaught exception: its traceback is printed, then exit 1
+        atexit.register(_exit_without_teardown, outcome)
     try:
-        code = main()
+        outcome[0] = main()
     except SystemExit as exc:  # argparse's usage errors and --help
-        code = exc.code
+        outcome[0] = exc.code
         raise
-    finally:
-        _EXIT_CODE[:] = [code]
-    raise SystemExit(code)
+    raise SystemExit(outcome[0])
 
 
-_EXIT_CODE: list[int | str | None] = []
-
-
-def _exit_without_teardown() -> None:
-    code = _EXIT_CODE[0] if _EXIT_CODE else 1
+def _exit_without_teardown(outcome: list[int | str | None]) -> None:
+    code = outcome[0]
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:

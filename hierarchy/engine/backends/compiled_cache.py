@@ -20,7 +20,7 @@ import platform
 from pathlib import Path
 
 from hierarchy.core import statcache
-from hierarchy.core.fsutil import atomic_write_text
+from hierarchy.core.fsutil import atomic_write_bytes, atomic_write_text
 from hierarchy.core.machine import cpu_model, speed_flags, user_cache_dir
 
 log = logging.getLogger(__name__)
@@ -63,17 +63,35 @@ def load(kind: str, key: str, source_sha256: str, suffix: str) -> bytes | None:
 
 def store(kind: str, key: str, source_sha256: str, tmp: Path, suffix: str) -> None:
     """Sign the compiled file the runtime wrote at ``tmp`` and move it into place; never raises."""
-    graph, record = paths(kind, key, suffix)
+    graph, _ = paths(kind, key, suffix)
     try:
         mac = statcache.sign(_payload(kind, key, source_sha256, statcache.sha256_file(tmp)))
         if mac is not None:
             os.replace(tmp, graph)
-            atomic_write_text(record, json.dumps({"key": key, "source_sha256": source_sha256, "mac": mac}) + "\n")
+            _write_record(kind, key, source_sha256, mac, suffix)
     except OSError as exc:
         log.info("not caching the %s file (%s)", kind, exc)
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink()
+
+
+def store_bytes(kind: str, key: str, source_sha256: str, data: bytes, suffix: str) -> None:
+    """Write the compiled file ``data`` atomically and sign it; never raises."""
+    graph, _ = paths(kind, key, suffix)
+    try:
+        mac = statcache.sign(_payload(kind, key, source_sha256, statcache.sha256_bytes(data)))
+        if mac is not None:
+            graph.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(graph, data)
+            _write_record(kind, key, source_sha256, mac, suffix)
+    except OSError as exc:
+        log.info("not caching the %s file (%s)", kind, exc)
+
+
+def _write_record(kind: str, key: str, source_sha256: str, mac: str, suffix: str) -> None:
+    atomic_write_text(paths(kind, key, suffix)[1], json.dumps({"key": key, "source_sha256": source_sha256,
+                                                               "mac": mac}) + "\n")
 
 
 def _payload(kind: str, key: str, source_sha256: str, file_sha256: str) -> str:

@@ -17,7 +17,6 @@ import numpy as np
 
 from hierarchy.core import statcache
 from hierarchy.core.errors import EngineError, ExportError
-from hierarchy.core.fsutil import atomic_write_bytes
 from hierarchy.core.phases import phase
 from hierarchy.engine.backends import compiled_cache
 from hierarchy.engine.backends.base import Checkpoint
@@ -95,15 +94,12 @@ def cached_compile(core: Any, model: bytes, precision: str, onnx_path: Path, sha
 
 def save_compiled(compiled: Any, key: str, sha256: str) -> None:
     """Keep ``compiled`` (signed) for the next start; a failure only costs the saving."""
-    tmp = compiled_cache.temp_path(SUBDIR, key, SUFFIX)
     try:
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(tmp, compiled.export_model().getvalue())
-    except Exception as exc:  # noqa: BLE001 - OpenVINO raises its own types; no cache dir is an OSError
+        blob = compiled.export_model().getvalue()
+    except Exception as exc:  # noqa: BLE001 - OpenVINO raises its own types
         log.info("not caching the compiled model (%s)", exc)
-        tmp.unlink(missing_ok=True)
         return
-    compiled_cache.store(SUBDIR, key, sha256, tmp, SUFFIX)
+    compiled_cache.store_bytes(SUBDIR, key, sha256, blob, SUFFIX)
 
 
 def load(ckpt: Checkpoint, device: str, precision: str) -> OpenVinoBackend:
