@@ -73,7 +73,7 @@ def trained(run: Path, data: Path, args: argparse.Namespace) -> tuple[Any, bytes
     int8 bytes are None when the guard refused the export (its numbers are printed all the same)."""
     from hierarchy.core.errors import ExportError
     from hierarchy.engine.backends.base import Checkpoint
-    from hierarchy.engine.quantize import int8_entry, int8_path_for, quantize_checkpoint
+    from hierarchy.engine.quantize import int8_entry, int8_path_for, passing_engines, quantize_checkpoint
     from hierarchy.evaluate.runner import select_samples
 
     export_for_onnx(run)
@@ -92,10 +92,11 @@ def trained(run: Path, data: Path, args: argparse.Namespace) -> tuple[Any, bytes
     print(f"quantised and guarded in {time.perf_counter() - t:.1f} s on {entry.get('calibration_images')} training "
           f"and {entry.get('val_images')} val images")
     print(table(["int8 engine", "top-1 agreement", "acc fp32", "acc int8", "AUROC fp32", "AUROC int8", "ECE fp32",
-                 "ECE int8", "OOD flips", "OOD corr"],
+                 "ECE int8", "OOD flips", "OOD corr", "serves int8"],
                 [[name, pct(m["agreement"]), *(num(m.get(k)) for k in ("accuracy_fp32", "accuracy_int8", "auroc_fp32",
                                                                      "auroc_int8", "ece_fp32", "ece_int8")),
-                  pct(m["ood_decision_flips"]), num(m["ood_score_correlation"])]
+                  pct(m["ood_decision_flips"]), num(m["ood_score_correlation"]),
+                  "yes" if name in passing_engines(entry) else "no (guard)"]
                  for name, m in entry.get("engines", {}).items()]))
     if refused:
         print(f"refused: {refused}")

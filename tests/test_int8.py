@@ -117,6 +117,37 @@ def test_broken_calibration_is_refused_recorded_and_not_served(trained: tuple[Pa
     assert rc == 2  # ExportError: a configuration problem
 
 
+def test_an_engine_that_failed_its_guard_does_not_serve_the_file_another_passed(
+        trained: tuple[Path, Path], tmp_path: Path) -> None:
+    """One file, two int8 runtimes with their own kernels: the record of the guard on ONNX Runtime is
+    set to a failing agreement, so only OpenVINO may serve it (by hand, by the tuner's candidates)."""
+    pytest.importorskip("openvino")
+    from hierarchy.engine.tune import served_precisions
+
+    run, data = trained
+    run = copy_run(run, tmp_path)
+    meta = json.loads((run / "metadata.json").read_text())
+    entry = meta["int8"]["best.int8.onnx"]
+    entry["engines"]["onnx"]["agreement"] = 0.9947
+    (run / "metadata.json").write_text(json.dumps(meta))
+    ckpt = Checkpoint.open(run)
+    problem = unmet_need(ENGINES["onnx"], ckpt, "cpu", "int8")
+    assert problem == ("int8 export failed its guard on onnx: agreement 99.47% < 99.50%; it passed on openvino "
+                       "(--engine openvino --precision int8)")
+    assert unmet_need(ENGINES["openvino"], ckpt, "cpu", "int8") is None and int8_problem(ckpt) is None
+    assert "int8" not in served_precisions(ENGINES["onnx"], ckpt, "cpu", "auto")
+    assert "int8" in served_precisions(ENGINES["openvino"], ckpt, "cpu", "auto")
+    images = sorted((data / "val").rglob("*.jpg"))
+    rc_ov, ov = run_labels(tmp_path, run, images, "--engine", "openvino", "--precision", "int8")
+    rc_onnx, _ = run_labels(tmp_path, run, images[:2], "--engine", "onnx", "--precision", "int8")
+    assert rc_ov == 0 and len(ov) == len(images) and rc_onnx == 2
+    del entry["engines"]["openvino"]
+    entry["engines"]["onnx"]["agreement"] = 1.0
+    (run / "metadata.json").write_text(json.dumps(meta))
+    assert unmet_need(ENGINES["openvino"], Checkpoint.open(run), "cpu", "int8").startswith(
+        "int8 export was not checked on openvino (not installed when it was made); it passed on onnx")
+
+
 def test_replaced_or_stale_int8_file_is_refused(trained: tuple[Path, Path], tmp_path: Path) -> None:
     from hierarchy.engine.backends import onnx_backend
 

@@ -4,12 +4,14 @@ weights) on the stage's own training images, and keeps it only if it agrees with
 
 ``best.safetensors`` -> ``best.int8.onnx``; metadata.json records every attempt under ``int8`` (keyed
 like ``export``): the file's SHA-256, the SHA-256 of the weights it came from, the calibration and val
-image counts, top-1 agreement, ECE of both, OOD decision flips, the minimum and whether it ``passed``.
+image counts, top-1 agreement, ECE of both, OOD decision flips, the minimum and whether it ``passed``,
+per int8 engine (ONNX Runtime, OpenVINO): each engine serves the file only where it passed.
 :func:`int8_problem` (cheap: no onnxruntime import) says why a run has no usable int8 export.
 """
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
@@ -29,6 +31,7 @@ INT8_KEY = "int8"  # metadata.json: {"int8": {"best.int8.onnx": {...}}}
 INT8_SUFFIX = ".int8.onnx"
 DEFAULT_MIN_AGREEMENT = 0.995  # top-1 agreement int8 vs fp32 on the val split
 DEFAULT_CALIBRATION_IMAGES = 256
+log = logging.getLogger(__name__)
 
 
 def int8_path_for(weights: Path) -> Path:
@@ -60,18 +63,31 @@ def guard_text(entry: dict[str, Any]) -> str:
     return f"agreement {100 * agreement:.2f}% {'>=' if agreement >= minimum else '<'} {100 * minimum:.2f}%"
 
 
-def int8_problem(ckpt: "Checkpoint", hash_file: bool = True) -> str | None:
+def passing_engines(entry: dict[str, Any]) -> list[str]:
+    """The int8 engines on which a recorded attempt met its agreement minimum (each engine computes
+    its own int8 kernels, so one file can pass on OpenVINO and fail on ONNX Runtime)."""
+    minimum, engines = entry.get("min_agreement"), entry.get("engines")
+    if not isinstance(minimum, (int, float)) or not isinstance(engines, dict):
+        return []
+    return [name for name, m in engines.items()
+            if isinstance(m, dict) and isinstance(m.get("agreement"), (int, float)) and m["agreement"] >= minimum]
+
+
+def int8_problem(ckpt: "Checkpoint", engine: str | None = None, hash_file: bool = True) -> str | None:
     """None when the checkpoint has an int8 export made from its current weights, whose file is the
-    one recorded and whose agreement guard passed; else a one-line reason with the fix. Hashes the
-    int8 file unless ``hash_file`` is False (the loader hashes the bytes it reads instead), and the
-    weights once per checkpoint; imports no runtime."""
+    one recorded and whose agreement guard passed on ``engine`` (None: on any engine); else a
+    one-line reason with the fix. Hashes the int8 file unless ``hash_file`` is False (the loader
+    hashes the bytes it reads instead), and the weights once per checkpoint; imports no runtime."""
     path = int8_path_for(ckpt.weights)
     entry = int8_entry(ckpt)
     if entry is None or not entry.get("sha256") or not entry.get("source_sha256"):
         return f"no int8 export: {make_hint(ckpt)}"
-    if not entry.get("passed"):
+    passing = passing_engines(entry)
+    if not passing:
         return (f"int8 export failed its guard: {guard_text(entry)}{failure_detail(entry)}; not usable "
                 f"(the fp32 export stays; after retraining or with more calibration images {make_hint(ckpt)})")
+    if engine is not None and engine not in passing:
+        return engine_refusal(entry, engine, passing, ckpt)
     if ckpt.weights_sha256 != entry["source_sha256"]:
         return (f"stale int8 export: {ckpt.weights.name} changed since {path.name} was made "
                 f"(SHA-256 differs from metadata.json); {make_hint(ckpt)}")
@@ -82,16 +98,27 @@ def int8_problem(ckpt: "Checkpoint", hash_file: bool = True) -> str | None:
     return None
 
 
+def engine_refusal(entry: dict[str, Any], engine: str, passing: list[str], ckpt: "Checkpoint") -> str:
+    """Why the int8 export may not run on ``engine`` although it passed on ``passing``."""
+    elsewhere = f"it passed on {', '.join(passing)} (--engine {passing[0]} --precision int8)"
+    measured = (entry.get("engines") or {}).get(engine)
+    if not isinstance(measured, dict):
+        return (f"int8 export was not checked on {engine} (not installed when it was made); {elsewhere}, "
+                f"or {make_hint(ckpt)} with {engine} installed")
+    text = guard_text({**measured, "min_agreement": entry["min_agreement"]})
+    return f"int8 export failed its guard on {engine}: {text}; {elsewhere}"
+
+
 def failure_detail(entry: dict[str, Any]) -> str:
     reason = entry.get("reason")
     return f" ({reason})" if reason else ""
 
 
-def read_verified_int8(ckpt: "Checkpoint") -> bytes:
-    """The bytes of the checkpoint's int8 model after :func:`int8_problem`; the bytes hashed are the
-    bytes the runtime loads (no check-then-reopen race)."""
+def read_verified_int8(ckpt: "Checkpoint", engine: str) -> bytes:
+    """The bytes of the checkpoint's int8 model for ``engine`` after :func:`int8_problem`; the bytes
+    hashed are the bytes the runtime loads (no check-then-reopen race)."""
     path = int8_path_for(ckpt.weights)
-    problem = int8_problem(ckpt, hash_file=False)
+    problem = int8_problem(ckpt, engine, hash_file=False)
     if problem:
         raise ExportError(path, f"--precision int8 for {ckpt.run_dir}: {problem}")
     data, digest = read_bytes_sha256(path)  # hashed once per file version (signed stat cache)
@@ -103,8 +130,9 @@ def read_verified_int8(ckpt: "Checkpoint") -> bytes:
 
 def int8_refusal(ckpt: "Checkpoint", engine: str) -> EngineError:
     """The typed error for ``--precision int8`` on an engine that cannot run it (torch)."""
+    entry = int8_entry(ckpt)
     ready = int8_problem(ckpt)
-    fix = ready or "its int8 export is ready: add --engine onnx (or openvino)"
+    fix = ready or f"its int8 export is ready: add --engine {' or '.join(passing_engines(entry or {}))}"
     return EngineError(f"{ckpt.run_dir}: --precision int8 runs the quantised export on --engine onnx or openvino, "
                        f"not {engine} (which computes in fp32, bf16 or fp16); {fix}")
 
@@ -120,7 +148,8 @@ def quantize_checkpoint(ckpt: "Checkpoint", train: Sequence["Sample"], val: Sequ
     """Quantise the checkpoint's verified fp32 export on ``calibration_images`` of ``train`` (decoded
     through the run's preset; ``calibration_transform``, applied to each normalised batch, exists to
     test the guard), check it against fp32 on ``val`` with every installed int8 engine, record the
-    attempt in metadata.json and publish ``best.int8.onnx`` only if it passed; else raise."""
+    attempt in metadata.json and publish ``best.int8.onnx`` only if it passed on at least one engine
+    (the others refuse to serve it, :func:`int8_problem`); else raise."""
     if not 0 < min_agreement <= 1:
         raise ConfigError("command line", [f"--min-agreement: expected a share in (0, 1], got {min_agreement}"])
     for name, samples in (("training", train), ("val", val)):
@@ -136,6 +165,9 @@ def quantize_checkpoint(ckpt: "Checkpoint", train: Sequence["Sample"], val: Sequ
         "calibration_images": sum(len(b) for b in calibration), "calibration_seed": seed,
         "val_images": int(len(y)), "val_decode_errors": n_bad})
     publish(ckpt, entry, int8)
+    passing = passing_engines(entry)
+    for name in (n for n in entry["engines"] if passing and n not in passing):
+        log.warning("int8 export kept for %s only: %s", ", ".join(passing), engine_refusal(entry, name, passing, ckpt))
     if not entry["passed"]:
         raise ExportError(int8_path_for(ckpt.weights), f"int8 export refused: {guard_text(entry)}"
                           f"{failure_detail(entry)} on {len(y)} val images; not written (the fp32 export stays; "
@@ -264,7 +296,6 @@ def make_entry(ckpt: "Checkpoint", int8: bytes, outputs: dict[str, tuple[np.ndar
     """The ``int8`` metadata entry: the guard's numbers for the worst int8 engine at the top level,
     every engine's under ``engines``."""
     import datetime
-    import logging
 
     from hierarchy import __version__
     from hierarchy.engine.int8_guard import drift_warnings, guard_metrics
@@ -277,13 +308,14 @@ def make_entry(ckpt: "Checkpoint", int8: bytes, outputs: dict[str, tuple[np.ndar
     failed = [name for name, m in engines.items() if m["agreement"] < min_agreement]
     for name, m in engines.items():
         for warning in drift_warnings(m):
-            logging.getLogger(__name__).warning("int8 on %s: %s", name, warning)
+            log.warning("int8 on %s: %s", name, warning)
     path = int8_path_for(ckpt.weights)
     return {"file": path.name, "sha256": hashlib.sha256(int8).hexdigest(), "source": ckpt.weights.name,
             "source_sha256": ckpt.weights_sha256, "quantizer": "onnxruntime.quantization.quantize_static",
             "format": "QDQ", "weights": "int8 per-channel", "activations": "uint8 per-tensor",
             "calibration": "minmax", **counts, **engines[worst], "guard_engine": worst,
-            "engines": engines, "min_agreement": min_agreement, "passed": not failed,
+            "engines": engines, "min_agreement": min_agreement,
+            "passed": len(failed) < len(engines),  # usable on the engines that passed (passing_engines)
             "reason": f"failed on {', '.join(failed)}" if failed else None,
             "onnxruntime": import_runtime("onnxruntime", "onnx", "onnx").__version__, "hierarchy": __version__,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}

@@ -4,7 +4,7 @@ actual model and input size, once, then cached per machine (:mod:`hierarchy.core
 
 Candidates are every engine whose needs are met (:func:`hierarchy.engine.backends.unmet_need`) x every
 precision it serves here (bf16 on CPU only with native bf16, fp16 on CPU only with AVX512-FP16/AMX-FP16,
-int8 only where :func:`hierarchy.engine.quantize.int8_problem` passes) x, for torch, channels_last vs
+int8 only where :func:`hierarchy.engine.quantize.int8_problem` passes for that engine) x, for torch, channels_last vs
 contiguous. Each is loaded and run on a random uint8 batch: one warm-up, then timed batches for about
 :data:`BUDGET_S`; one already far slower than the best so far is stopped early. The winner is swept
 over :data:`BATCH_SIZES`. Explicit ``--engine`` and ``--precision`` together skip all of this;
@@ -133,7 +133,7 @@ def candidates(ckpt: "Checkpoint", device: str = AUTO, engine: str = AUTO, preci
 def served_precisions(spec: "EngineSpec", ckpt: "Checkpoint", device: str, requested: str) -> list[str]:
     """The precisions of ``spec`` worth timing here (all of them, or just ``requested``)."""
     wanted = sorted(spec.precisions if requested == AUTO else [requested], key=lambda p: p != "int8")
-    if "int8" in wanted and not int8_ready(ckpt):
+    if "int8" in wanted and not int8_ready(ckpt, spec.name):
         wanted.remove("int8")
     if not on_cpu(spec, device):
         return wanted
@@ -142,14 +142,14 @@ def served_precisions(spec: "EngineSpec", ckpt: "Checkpoint", device: str, reque
             and not (p == "fp16" and (spec.name == "torch" or not flags & FP16_FLAGS))]
 
 
-def int8_ready(ckpt: "Checkpoint") -> bool:
-    """Whether the checkpoint has an INT8 model that passed its agreement guard (its file is hashed
+def int8_ready(ckpt: "Checkpoint", engine: str) -> bool:
+    """Whether the checkpoint has an INT8 model that passed its agreement guard on ``engine`` (its file is hashed
     only if it is loaded: a replaced one then fails to load and is not picked)."""
     try:
         from hierarchy.engine.quantize import int8_problem
     except ImportError:
         return False
-    return int8_problem(ckpt, hash_file=False) is None
+    return int8_problem(ckpt, engine, hash_file=False) is None
 
 
 def on_cpu(spec: "EngineSpec", device: str) -> bool:

@@ -88,7 +88,7 @@ def unmet_need(spec: EngineSpec, ckpt: "Checkpoint", device: str, precision: str
         return f"{spec.runtime} is not installed (pip install 'hierarchy-cascade[{spec.extra}]')"
     if not spec.exported:
         return None
-    return int8_problem(ckpt) if precision == "int8" else export_problem(ckpt)
+    return int8_problem(ckpt, spec.name) if precision == "int8" else export_problem(ckpt)
 
 
 def choose_engine(requested: str, ckpt: "Checkpoint", device: str, precision: str) -> tuple[EngineSpec, str]:

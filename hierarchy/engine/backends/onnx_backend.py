@@ -88,7 +88,7 @@ def load(ckpt: Checkpoint, device: str, precision: str) -> OnnxBackend:
     if precision in ("bf16", "fp16"):
         log.warning("--engine onnx runs the exported fp32 model; --precision %s is ignored", precision)
     int8 = precision == "int8"
-    model = read_verified_int8(ckpt) if int8 else read_verified_export(ckpt)
+    model = read_verified_int8(ckpt, "onnx") if int8 else read_verified_export(ckpt)
     ort = import_runtime("onnxruntime", "onnx", "onnx")
     providers = select_providers(ort, device)
     onnx_path = int8_path_for(ckpt.weights) if int8 else onnx_path_for(ckpt.weights)

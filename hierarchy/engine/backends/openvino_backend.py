@@ -107,7 +107,7 @@ def load(ckpt: Checkpoint, device: str, precision: str) -> OpenVinoBackend:
         raise EngineError(f"device '{device}' is not supported by --engine openvino (its CPU plugin is used); "
                           "use auto or cpu, or --engine torch for CUDA and MPS")
     int8 = precision == "int8"
-    model = read_verified_int8(ckpt) if int8 else read_verified_export(ckpt)
+    model = read_verified_int8(ckpt, "openvino") if int8 else read_verified_export(ckpt)
     core = import_runtime("openvino", "openvino", "openvino").Core()
     chosen = select_precision(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"), precision)
     path = int8_path_for(ckpt.weights) if int8 else onnx_path_for(ckpt.weights)
