@@ -40,7 +40,9 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 # outlier exposure: the same recipe on a dataset with generated negatives (`type: outliers`)
 # (130 steps of 64 per epoch: the ~8,300 images an epoch of the plain dataset has, so the same compute)
-RECIPES["lite0-robust-oe"] = {**RECIPES["lite0-robust"], "max_steps_per_epoch": 130, "dataset": {"outliers": 3000}}
+RECIPES["lite0-robust-oe"] = {**RECIPES["lite0-robust"], "max_steps_per_epoch": 130, "dataset": {"outliers": 3000},
+                              # T fitted on 4 augmented views of val (never separable), 0.1 only a backstop
+                              "calibration_views": 4, "temperature_floor": 0.1}
 RECOMMENDED = "lite0-robust-oe"
 
 
@@ -55,7 +57,9 @@ ABLATIONS = {"no-ema": _without(RECIPES[RECOMMENDED], "ema"),
              "no-geometry": _without(RECIPES[RECOMMENDED], augment=("rot90", "vflip", "rotate")),
              "no-photometric": _without(RECIPES[RECOMMENDED], augment=("color_jitter", "hue", "jpeg_quality",
                                                                         "downscale")),
-             "no-crop": _without(RECIPES[RECOMMENDED], augment=("crop_scale",))}
+             "no-crop": _without(RECIPES[RECOMMENDED], augment=("crop_scale",)),
+             # T fitted on plain val, floor 0.5 (the recipe before calibration views): same weights, other T
+             "no-views": _without(RECIPES[RECOMMENDED], "calibration_views", "temperature_floor")}
 ABLATION_RECIPES = {f"{RECOMMENDED}-{name}": recipe for name, recipe in ABLATIONS.items()}
 RECIPES |= ABLATION_RECIPES
 GROUPS = ("dermoscopy", "everyday", "textures", "medical_nonskin", "skimage")

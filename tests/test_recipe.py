@@ -89,6 +89,34 @@ def test_all_knobs_train_end_to_end(tmp_path: Path) -> None:
     assert any(not torch.equal(state["model"][k], state["ema"][k]) for k in best if best[k].is_floating_point())
 
 
+def test_temperature_is_fitted_on_augmented_val_views(tmp_path: Path) -> None:
+    """``calibration_views: 3`` fits T on 3 augmented views of each of the 12 val images; the views
+    are drawn after training from their own seeded RNG, so the weights equal those of a run without them.
+    (A fixture model trained for 2 steps: plumbing, not calibration quality; bench_gate_quality measures that.)"""
+    from hierarchy.data.synth import make_image_folder
+    from hierarchy.models.checkpoint import load_weights
+    from hierarchy.stages.skin_vs_nonskin.plugin import SkinVsNonskin
+    from hierarchy.train.trainer import train_stage
+
+    for split, seed in (("train", 0), ("val", 1)):
+        make_image_folder(tmp_path / "data" / split, ["skin", "non-skin"], n_per_label=6, size=(40, 30), seed=seed)
+    metas, weights = [], []
+    for views in (0, 3):
+        cfg = SkinVsNonskin.Config(train={
+            "pretrained": "none", "backbone": "timm/resnet10t", "epochs": 1, "max_steps_per_epoch": 2, "batch_size": 6,
+            "img_size": 32, "device": "cpu", "workers": 0, "precision": "fp32", "augment": ROBUST, "ood": False,
+            "temperature_floor": 0.05, "calibration_views": views, "out": str(tmp_path / "runs"), "name": f"v{views}"})
+        run = train_stage(SkinVsNonskin(cfg), tmp_path / "data", progress=False)
+        metas.append(json.loads((run / "metadata.json").read_text())["calibration"])
+        weights.append(load_weights(run / "best.safetensors"))
+    plain, views = metas
+    assert plain["views"] == 0 and plain["n"] == 12 and views["views"] == 3 and views["n"] == 36
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert views["fitted"] != plain["fitted"]
+    with pytest.raises(ValueError, match="calibration_views"):
+        TrainConfig(calibration_views=-1)
+
+
 def test_saturated_threshold_falls_back_to_chows_rule() -> None:
     probs = np.array([[1.0, 0.0]] * 5 + [[0.0, 1.0]] * 5)  # a separable val split, saturated probabilities
     y = np.array([0] * 5 + [1] * 5)

@@ -1,7 +1,7 @@
 """Pydantic model for training. Defaults reproduce the original skin-gate recipe:
 torchvision ResNet18 from ImageNet, Adam lr 1e-3 (constant), cross-entropy, 5 epochs, batch 64,
 224x224, hflip only. The robust-recipe knobs (``augment``, ``optimizer``, ``schedule``,
-``warmup_epochs``, ``label_smoothing``, ``ema``, ``temperature_floor``) are documented in
+``warmup_epochs``, ``label_smoothing``, ``ema``, ``temperature_floor``, ``calibration_views``) are documented in
 docs/training.md; configs/skin_vs_nonskin.yaml shows the recommended offline recipe."""
 from __future__ import annotations
 
@@ -86,6 +86,10 @@ class TrainConfig(BaseModel):
     # lowest temperature the fit may return: 1.0 never sharpens (a separable val split drives the fit
     # towards 0); 0.5 is the original clamp
     temperature_floor: float = Field(default=0.5, gt=0, le=1)
+    # 0: fit the temperature on the val split as is. N: on N views of each val image through the
+    # training augmentation (seeded), which a model that separates val perfectly still gets wrong
+    # sometimes, so the fit no longer runs to the floor (docs/evaluation.md)
+    calibration_views: int = Field(default=0, ge=0, le=32, strict=True)
     # abstention threshold tuned on val after training (stored for `threshold: auto`); null = skip.
     # Exactly one of target_precision (+ label), target_coverage, max_risk; see docs/evaluation.md
     threshold_target: Optional[dict] = Field(default_factory=lambda: {"max_risk": 0.01})

@@ -1,4 +1,5 @@
-"""After training: temperature scaling on the val split, training plots, and final metadata."""
+"""After training: temperature scaling on the val split (or augmented views of it), training plots,
+and final metadata."""
 from __future__ import annotations
 
 import logging
@@ -43,15 +44,45 @@ def calibration(logits: np.ndarray, targets: np.ndarray, floor: float = 0.5) -> 
     return out
 
 
+def calibration_set(ctx: "TrainContext", model: "nn.Module", ev: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, int]:
+    """(logits, labels, views) the temperature is fitted on: the best checkpoint's val logits, or with
+    ``calibration_views: N`` its logits on N views of every val image through the training
+    augmentation, drawn from a generator seeded by the run's seed (the run's own RNG is untouched)."""
+    import torch
+
+    from hierarchy.models.checkpoint import load_weights
+    from hierarchy.train.augment import Augment
+    from hierarchy.train.loader import ImageDataset, Loader, batch_loader
+    from hierarchy.train.trainer import evaluate_model
+
+    cfg, views = ctx.cfg, ctx.cfg.calibration_views
+    if not views or not len(ev["targets"]):
+        return ev["logits"], ev["targets"], 0
+    best = ctx.run_dir / "best.safetensors"
+    if best.is_file():  # the weights ev was measured with (the EMA's, when on)
+        model.load_state_dict(load_weights(best))
+    val = (ctx.loaders.val_all or ctx.loaders.val).dataset
+    ds = ImageDataset(val.samples, ctx.stage.labels, ctx.preset, train=True, hflip=cfg.hflip, cache=val.cache,
+                      recipe=Augment(cfg.hflip, cfg.augment))
+    loader = Loader(batch_loader(ds, cfg.batch_size, None, cfg.workers), ctx.preset)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        parts = [evaluate_model(model, loader, ctx.device, ctx.precision, len(ctx.stage.labels)) for _ in range(views)]
+    return np.concatenate([p["logits"] for p in parts]), np.concatenate([p["targets"] for p in parts]), views
+
+
 def finalize_run(ctx: "TrainContext", state: "RunState", model: "nn.Module") -> None:
     ev = best_eval(ctx, model)
     extra: dict[str, Any] = {}
     if ctx.cfg.calibrate:
-        cal = calibration(ev["logits"], ev["targets"], ctx.cfg.temperature_floor)
+        logits, targets, views = calibration_set(ctx, model, ev)
+        cal = calibration(logits, targets, ctx.cfg.temperature_floor)
         extra["temperature"] = cal["temperature"]
-        extra["calibration"] = {"method": "temperature", "split": "val", **cal}
-        print(f"calibration: temperature {cal['temperature']:.3f}, ECE {cal.get('ece_before', 0):.4f} -> "
-              f"{cal.get('ece_after', 0):.4f} (val)", file=sys.stderr)
+        extra["calibration"] = {"method": "temperature", "split": "val", "views": views, **cal}
+        seen = f"val, {views} augmented views" if views else "val"
+        print(f"calibration: temperature {cal['temperature']:.3f} (fitted {cal.get('fitted', 1.0):.3f}, floor "
+              f"{ctx.cfg.temperature_floor}), ECE {cal.get('ece_before', 0):.4f} -> {cal.get('ece_after', 0):.4f} "
+              f"({seen})", file=sys.stderr)
     extra.update(_tuned_threshold(ctx, ev, extra.get("temperature", 1.0)))
     extra.update(_fit_ood(ctx, model))
     ctx.write_records(state, **extra)
