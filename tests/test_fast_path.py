@@ -287,17 +287,19 @@ def test_background_torchvision_import_leaves_decoding_to_pil_until_it_is_done(m
     assert not thread.is_alive() and decode._torch_jpeg_decoder() is not None
 
 
-def test_only_long_torch_runs_import_torchvision(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_only_long_runs_import_torchvision(monkeypatch: pytest.MonkeyPatch) -> None:
+    """From LONG_RUN inputs when a stage runs on torch anyway, from EXPORTED_LONG_RUN when none does."""
     from hierarchy.engine import router
 
     started = []
     monkeypatch.setattr(decode, "enable_torchvision_decoder", lambda background=False: started.append(background) or "t")
-    paths = [Path(f"{i}.jpg") for i in range(router.LONG_RUN)]
+    paths = [Path(f"{i}.jpg") for i in range(router.EXPORTED_LONG_RUN)]
     for n, torch_engine, thread in ((router.LONG_RUN - 1, True, None), (router.LONG_RUN, False, None),
-                                    (router.LONG_RUN, True, "t")):
+                                    (router.LONG_RUN, True, "t"), (router.EXPORTED_LONG_RUN - 1, False, None),
+                                    (router.EXPORTED_LONG_RUN, False, "t")):
         kept, got = router._maybe_fast_jpeg(iter(paths[:n]), torch_engine)
         assert list(kept) == paths[:n] and got == thread
-    assert started == [True]
+    assert started == [True, True]
 
 
 def test_long_runs_on_the_torch_engine_use_the_torchvision_decoder() -> None:
