@@ -18,11 +18,16 @@ Agreement: top-1 of ``hierarchy run`` (auto precision, each engine) vs torch ``-
 The model is an untrained ResNet18 written by the benchmark (agreement is against its own fp32).
 
 Default vs best (issue #17): ``hierarchy run`` with default flags (engine, precision and batch size
-``auto``: the tuner's pick) against the best model-only throughput over every engine x precision
-measured here (int8: benchmarks/bench_int8.py), and against the shared-core limit of that best,
-``1/(1/model + 1/decode)``; targets >= 0.9x and >= 0.85x. The tuner's cache lives in a fresh
-HIERARCHY_CACHE_DIR, filled by an untimed warm-up run on 8 images: its one-off measurement is
-excluded from the timed rows (it is what a user's first run on this machine pays once).
+``auto``: the tuner's pick) as a user runs it, a fresh ``python -m hierarchy run`` process per round
+(the in-process rows above share the process with torch runs, whose threads and decoder change what
+an exported engine gets), timed end to end ("wall", interpreter start included) and from the command's
+own phases ("in the run": decode, infer and write, start-up left out). Compared with the best
+model-only throughput over every engine x precision measured here (int8: benchmarks/bench_int8.py) and
+with the shared-core limit ``1/(1/model + 1/decode)``; targets >= 0.9x and >= 0.85x. The limit is
+given for the decoder the default run uses (PIL for ONNX/OpenVINO runs under 4,096 inputs, timed in a
+fresh process that never imports torch; torchvision's otherwise) and for the faster one. The tuner's
+cache lives in a fresh HIERARCHY_CACHE_DIR, filled by an untimed warm-up run on 8 images: its one-off
+measurement is excluded from the timed rows (it is what a user's first run on this machine pays once).
 """
 from __future__ import annotations
 
@@ -112,6 +117,56 @@ def decode_only(paths: list[Path]) -> float:
     return len(paths) / (time.perf_counter() - t)
 
 
+PIL_DECODE = """
+import sys, time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from hierarchy.data.batches import default_workers
+from hierarchy.data.decode import decode_arrays
+paths = [Path(p) for p in sys.argv[1:]]
+t = time.perf_counter()
+with ThreadPoolExecutor(default_workers()) as pool:
+    for _ in pool.map(lambda p: decode_arrays(p, [224]), paths):
+        pass
+rate = len(paths) / (time.perf_counter() - t)
+assert "torch" not in sys.modules, "the PIL decode imported torch"
+print(rate)
+"""
+
+
+def decode_pil_fresh(paths: list[Path]) -> float:
+    """Decode-only img/s in a fresh process that never imports torch (PIL decode + resize), the
+    decoder an ONNX/OpenVINO run of under 4,096 inputs uses."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", PIL_DECODE, *map(str, paths)], check=True, capture_output=True,
+                          text=True)
+    return float(proc.stdout.strip().splitlines()[-1])
+
+
+def default_fresh(pipe: Path, paths: list[Path], out: Path, seen: dict) -> float:
+    """`hierarchy run` with default flags in a fresh process, timed end to end; ``seen`` gets the
+    engine it picked, its in-run rate (from $HIERARCHY_PHASES) and its labels."""
+    import re
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "hierarchy", "run", str(pipe), *map(str, paths), "--format", "jsonl", "-o", str(out)]
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HIERARCHY_PHASES": "1",
+                                                                    "TQDM_DISABLE": "1"})
+    wall = time.perf_counter() - t
+    if proc.returncode != 0:
+        raise SystemExit(f"hierarchy run exited {proc.returncode}: {proc.stderr[-2000:]}")
+    engine = re.search(r"engine (\w+) on \w+, (\w+)", proc.stderr)
+    in_run = re.search(r"phase +decode, infer, write records: ([\d.]+) ms", proc.stderr)
+    seen["engine"] = f"{engine.group(1)} {engine.group(2)}" if engine else "?"
+    seen.setdefault("in_run", []).append(len(paths) / (float(in_run.group(1)) / 1000) if in_run else float("nan"))
+    seen["labels"] = [json.loads(line)["label"] for line in out.read_text().splitlines()]
+    return len(paths) / wall
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=512, help="generated images (ignored with --images)")
@@ -153,11 +208,10 @@ def main() -> None:
         (["openvino"] if exported and importlib.util.find_spec("openvino") else [])
     ours(pipe, paths[:8], out, batch=None, engine="auto")  # untimed: the tuner measures once, into its cache
 
-    def default() -> float:
-        rate, labels["default"] = ours(pipe, paths, out, batch=None, engine="auto")
-        return rate
-
-    fns: dict[str, Callable[[], float]] = {"baseline": b, "decode": lambda: decode_only(paths), "default": default}
+    seen: dict = {}
+    fns: dict[str, Callable[[], float]] = {"baseline": b, "decode": lambda: decode_only(paths),
+                                           "decode pil": lambda: decode_pil_fresh(paths),
+                                           "default": lambda: default_fresh(pipe, paths, out, seen)}
     for e in engines:
         fns |= {f"ours {e}": o(e), f"steady {e}": lambda e=e: steady_state(pipe, paths, args.batch_size, e),
                 f"model {e}": lambda e=e: model_only(run, batches, "auto", e)}
@@ -180,7 +234,8 @@ def main() -> None:
                   "ceiling" if model == ceil else f"{model / ceil:.2f} of ceiling"],
                  ["  limit on shared cores: 1/(1/model + 1/decode)", f"{limit:.1f}", f"{limit / base:.2f}x",
                   f"{limit / ceil:.2f} of ceiling"]]
-    rows += [["decode only (thread pool, no model)", f"{dec:.1f}", "-", "-"]]
+    rows += [["decode only (thread pool, no model; torchvision's decoder once loaded)", f"{dec:.1f}", "-", "-"],
+             ["decode only, fresh process without torch (PIL)", f"{median(res['decode pil']):.1f}", "-", "-"]]
     rows += [[f"model only, {e} {p}", f"{median(res[f'model {e} {p}']):.1f}",
               f"{median(res[f'model {e} {p}']) / base:.2f}x", "-"] for e in engines for p in MODEL_PRECISIONS[e]]
     agree_ref = sum(names[a] == b for a, b in zip(labels["base"], fp32_labels)) / len(paths)
@@ -188,23 +243,30 @@ def main() -> None:
     print(table(["path", "img/s (median)", "vs baseline", "note"], rows))
     print(f"top-1 agreement, fp32 fast path vs original loop: {agree_ref:.4%}; fp32 labels {counts} (an untrained "
           "model: pass --images DIR and a trained checkpoint's pipeline for a harder agreement test)")
-    print_default_vs_best(res, engines, dec, labels["default"], fp32_labels)
+    print_default_vs_best(res, engines, seen, fp32_labels, len(paths))
     print("all rounds:", {k: [round(v, 1) for v in vs] for k, vs in res.items()})
     print(load())
 
 
-def print_default_vs_best(res: dict[str, list[float]], engines: list[str], decode: float, default_labels: list,
-                          fp32_labels: list) -> None:
-    """`hierarchy run` with default flags vs the best engine x precision model-only rate and its shared-core limit."""
+def print_default_vs_best(res: dict[str, list[float]], engines: list[str], seen: dict, fp32_labels: list,
+                          n: int) -> None:
+    """`hierarchy run` with default flags (a fresh process) vs the best engine x precision model-only
+    rate and its shared-core limit, with the decoder the default run uses and with the faster one."""
     combos = {f"{e} {p}": median(res[f"model {e} {p}"]) for e in engines for p in MODEL_PRECISIONS[e]}
     best_name = max(combos, key=combos.get)
-    best, default = combos[best_name], median(res["default"])
-    limit = 1 / (1 / best + 1 / decode)
-    agree = sum(a == b for a, b in zip(default_labels, fp32_labels)) / len(fp32_labels)
-    rows = [["hierarchy run, default flags (tuned)", f"{default:.1f}", "-", f"top-1 vs torch fp32 {agree:.2%}"],
-            [f"best model only ({best_name})", f"{best:.1f}", f"{default / best:.2f}x", "target >= 0.90x"],
-            ["shared-core limit 1/(1/best model + 1/decode)", f"{limit:.1f}", f"{default / limit:.2f}x",
-             "target >= 0.85x"]]
+    best, wall, in_run = combos[best_name], median(res["default"]), median(seen["in_run"])
+    pil, fast = median(res["decode pil"]), median(res["decode"])
+    uses_pil = not seen["engine"].startswith("torch") and n < 4096  # router.EXPORTED_LONG_RUN
+    used, other = (("PIL", pil), ("torchvision", fast)) if uses_pil else (("torchvision", fast), ("PIL", pil))
+    agree = sum(a == b for a, b in zip(seen["labels"], fp32_labels)) / len(fp32_labels)
+    rows = [[f"hierarchy run, default flags (tuned: {seen['engine']}), wall", f"{wall:.1f}", "-",
+             f"fresh process, start-up included; top-1 vs torch fp32 {agree:.2%}"],
+            ["  the same, in the run (decode, infer, write)", f"{in_run:.1f}", "-", "start-up left out"]]
+    for name, rate in ((f"best model only ({best_name})", best),
+                       (f"shared-core limit, {used[0]} decode (the default run's)", 1 / (1 / best + 1 / used[1])),
+                       (f"shared-core limit, {other[0]} decode", 1 / (1 / best + 1 / other[1]))):
+        target = "target >= 0.90x" if name.startswith("best") else "target >= 0.85x"
+        rows.append([name, f"{rate:.1f}", f"{wall / rate:.2f}x wall, {in_run / rate:.2f}x in the run", target])
     print(table(["default vs best", "img/s (median)", "default / this", "note"], rows))
 
 

@@ -173,7 +173,7 @@ class Router:
 
 LONG_RUN = 512  # inputs from which importing torchvision's JPEG decoder (~1 s of CPU) pays for itself
 # ... when no stage runs on torch, which must then be imported too: measured on 2 cores with OpenVINO,
-# 2,048 inputs ran 6% slower with it, 4,096 6% faster (steady state 10% faster: 1.0 vs 1.9 ms per decode)
+# 2,048 inputs ran 6% slower with it, 4,096 4% faster (21.3 vs 22.2 s; 1.0 vs 1.9 ms per decode)
 EXPORTED_LONG_RUN = 4096
 
 
