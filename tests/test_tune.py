@@ -52,10 +52,14 @@ class FakeBackend:
         return np.zeros((len(batch), 2), np.float32), np.zeros((len(batch), 4), np.float32)
 
 
+LOAD_S: dict[str, float] = {}  # seconds an engine's load costs on the fake clock (none by default)
+
+
 @dataclass(frozen=True)
 class FakeSpec(EngineSpec):
     def load(self, ckpt: Checkpoint, device: str, precision: str) -> FakeBackend:
         LOADS.append((self.name, precision))
+        CLOCK.now += LOAD_S.get(self.name, 0.0)
         native = "bf16" if "bf16" in self.precisions else "fp32"  # an engine's own auto: bf16 where it has it
         return FakeBackend(self.name, native if precision == "auto" else precision)
 
@@ -75,6 +79,7 @@ def fakes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     monkeypatch.setattr(tune, "time", CLOCK)
     RUNS.clear()
     LOADS.clear()
+    LOAD_S.clear()
     return tmp_path / "cache" / "tune"
 
 
@@ -128,6 +133,46 @@ def test_a_second_call_reuses_the_cache_without_measuring(fakes: Path, tmp_path:
     assert RUNS == [] and LOADS == [("fast", "bf16")]  # only the winner is loaded, nothing is timed
     assert again.from_cache and again.pick == first.pick and again.batch == first.batch
     assert f"tune: gate -> fast bf16 batch {first.batch} (cached, measured" in caplog.text
+
+
+def test_a_short_run_weighs_start_up_against_throughput(fakes: Path, tmp_path: Path, monkeypatch, caplog) -> None:
+    """The fast engine starts in 2 s (think: importing torch), the slow one in 0.1 s: a cached tuning
+    serves 1 or 10 images on the slow one, 10,000 (or an unknown number) on the fast one."""
+    monkeypatch.setitem(LOAD_S, "fast", 2.0)
+    monkeypatch.setitem(LOAD_S, "slow", 0.1)
+    ckpt = make_run(tmp_path / "run")
+    first = tune.load_backend(ckpt, "cpu", inputs=1)[2]  # measuring imports everything: the fastest serves
+    assert first.pick == tune.Candidate("fast", "bf16") and first.start_s("fast") == pytest.approx(2.0, abs=1e-6)
+    assert first.start_s("slow") == pytest.approx(0.1, abs=1e-6)  # load only: the fakes have no warm-up cost
+    record = json.loads(Path(first.cache).read_text())
+    assert all(m["start_s"] > 0 for m in record["result"]["measurements"])
+    with caplog.at_level(logging.INFO, logger="hierarchy.engine"):
+        for n, engine in ((1, "slow"), (10, "slow"), (10_000, "fast"), (None, "fast")):
+            backend, _, result = tune.load_backend(Checkpoint.open(tmp_path / "run"), "cpu", inputs=n)
+            assert backend.name == engine and result.pick.engine == engine and result.from_cache
+    assert "a run of 1 input(s) finishes first on it: start 0.1" in caplog.text
+    assert tune.load_backend(Checkpoint.open(tmp_path / "run"), "cpu", inputs=1)[2].batch == 1
+
+
+def test_hierarchy_run_tells_the_tuner_how_few_inputs_it_has(fakes: Path, tmp_path: Path, monkeypatch) -> None:
+    from PIL import Image
+
+    from hierarchy.commands import run as run_cmd
+
+    monkeypatch.setitem(LOAD_S, "fast", 2.0)
+    make_run(tmp_path / "run")
+    pipe = tmp_path / "pipe.yaml"
+    pipe.write_text(f"name: p\nroot: gate\nstages:\n  gate: {{stage: skin_vs_nonskin, weights: {tmp_path / 'run'}, "
+                    "routes: {default: stop}}\n")
+    images = []
+    for i in range(run_cmd.SHORT_RUN):
+        images.append(tmp_path / f"{i}.jpg")
+        Image.new("RGB", (40, 30), (i, 100, 50)).save(images[-1])
+    assert main(["tune", str(pipe)]) == 0
+    for inputs, engine in ((images[:1], "slow"), (images, "fast")):
+        LOADS.clear()
+        rc = main(["-q", "run", str(pipe), *map(str, inputs), "--format", "jsonl", "-o", str(tmp_path / "o.jsonl")])
+        assert rc == 0 and [e for e, _ in LOADS] == [engine]
 
 
 @pytest.mark.parametrize("change", ["library", "weights", "size", "export"])
@@ -239,7 +284,7 @@ def test_cli_tune_prints_the_machine_and_the_table(fakes: Path, tmp_path: Path, 
     assert out[1].startswith("skin_vs_nonskin: picked fast bf16 batch 64 (cache ")
     rows = [line.split() for line in out[3:6]]
     assert [r[:2] for r in rows] == [["fast", "bf16"], ["fast", "fp32"], ["slow", "fp32"]]  # fastest first
-    assert rows[0][-2:] == ["1.00", "*"] and float(rows[2][-1]) < 0.5
+    assert rows[0][5] == "1.00" and rows[0][7] == "*" and float(rows[2][5]) < 0.5  # ratio, start s, picked
     assert "batch sweep of fast bf16" in out[6]
     RUNS.clear()
     assert main(["tune", str(tmp_path / "run"), "--format", "json"]) == 0  # measures again, ignoring the cache

@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     with phase("load pipeline"):
         pipe = load_pipeline(args.pipeline)
     done = recorded_paths(args.output) if args.resume else set()
-    paths = _inputs(args, done)
+    paths, few = _look_ahead(_inputs(args, done))
     counts = {"ok": 0, "abstained": 0, "rejected": 0, "error": 0}
     if args.ray:
         from hierarchy.engine.ray_run import ray_records
@@ -64,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
         with phase("load stages (engine, hashes, session)"):
             from hierarchy.engine.router import Router
 
-            router = Router.from_pipeline(pipe, device=args.device, precision=args.precision, engine=args.engine)
+            router = Router.from_pipeline(pipe, device=args.device, precision=args.precision, engine=args.engine,
+                                          inputs=few)
         batch_size = router_batch_size(router, args.batch_size)
         records = with_explanations(router.run(paths, batch_size, args.workers), router, args)
     with phase("decode, infer, write records"):
@@ -93,6 +94,15 @@ def _inputs(args: argparse.Namespace, done: set[str]) -> Iterator[Path]:
     if args.shard:
         paths = select_shard(paths, *args.shard)
     return (p for p in paths if str(p) not in done) if done else paths
+
+
+SHORT_RUN = 64  # fewer inputs than this: the tuner weighs each engine's start-up against its throughput
+
+
+def _look_ahead(paths: Iterator[Path]) -> tuple[Iterator[Path], int | None]:
+    """The inputs, and their number when it is below SHORT_RUN (None: a long run)."""
+    head = list(itertools.islice(paths, SHORT_RUN))
+    return itertools.chain(head, paths), len(head) if len(head) < SHORT_RUN else None
 
 
 def _counted(records, counts):

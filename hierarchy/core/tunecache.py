@@ -22,7 +22,7 @@ from hierarchy.core.fsutil import atomic_write_json
 
 log = logging.getLogger("hierarchy.tune")
 
-SCHEMA = 1
+SCHEMA = 2  # 2: inference measurements carry start_s
 FORMAT = "hierarchy.tune"
 ENV = "HIERARCHY_TUNE"
 _MODES = {"": "on", "on": "on", "auto": "on", "1": "on", "off": "off", "0": "off", "refresh": "refresh"}

@@ -89,15 +89,16 @@ def calibrated(logits: np.ndarray, temperature: float) -> np.ndarray:
 
 
 def load_predictor(stage: "Stage", weights: str | Path, device: str = "auto", precision: str = "auto",
-                   engine: str = AUTO) -> Predictor:
+                   engine: str = AUTO, inputs: int | None = None) -> Predictor:
     """Load a checkpoint (run directory, ``.safetensors`` or ``metadata.json``) for ``stage`` on
     ``engine``, refusing it before any weights load if its stage or labels do not match. ``auto``
     engine or precision: measured on this machine (:func:`hierarchy.engine.tune.load_backend`; with
-    ``HIERARCHY_TUNE=off`` the rule of :func:`hierarchy.engine.backends.choose_engine`)."""
+    ``HIERARCHY_TUNE=off`` the rule of :func:`hierarchy.engine.backends.choose_engine`); ``inputs``,
+    when the caller knows it will run only that many images, lets a cheaper start win over throughput."""
     check_precision(precision)
     ckpt = Checkpoint.open(weights)
     check_stage(ckpt.meta, stage.name, stage.labels, ckpt.meta_path)
-    backend, why, tuned = load_backend(ckpt, device, precision, engine, stage.name)
+    backend, why, tuned = load_backend(ckpt, device, precision, engine, stage.name, inputs)
     log.info("stage %s: engine %s on %s, %s (%s)", stage.name, backend.name, backend.device, backend.precision, why)
     predictor = Predictor(backend, stage.labels, ckpt.preset, ckpt.meta.model_dump(mode="json"),
                           temperature=ckpt.meta.temperature, ood_scorer=load_scorer(ckpt.meta.ood, ckpt.run_dir))

@@ -53,10 +53,11 @@ class Router:
 
     @classmethod
     def from_pipeline(cls, pipeline: Pipeline, device: str = "auto", precision: str = "auto",
-                      engine: str = AUTO) -> "Router":
+                      engine: str = AUTO, inputs: int | None = None) -> "Router":
         """Load every stage's predictor (on ``engine``; ``auto`` picks per stage, see
-        :func:`hierarchy.engine.backends.choose_engine`) and resolve ``auto`` thresholds from
-        checkpoint metadata."""
+        :func:`hierarchy.engine.backends.choose_engine`; ``inputs``: a known, small number of images
+        to run, for which the tuner weighs start-up) and resolve ``auto`` thresholds from checkpoint
+        metadata."""
         from hierarchy.registry import get_stage
 
         if engine != AUTO:
@@ -65,7 +66,7 @@ class Router:
         for sid in pipeline.depth_order():
             node = pipeline.stages[sid]
             predictor = load_stage_predictor(sid, get_stage(node.stage)(), pipeline.weights_path(sid),
-                                             device, precision, engine)
+                                             device, precision, engine, inputs)
             loaded[sid] = LoadedStage(sid, node.stage, predictor, resolve_threshold(sid, node.threshold, predictor),
                                       resolve_ood(node.ood, predictor), resolve_decide(sid, node.decide, predictor))
         return cls(pipeline, loaded)
@@ -216,7 +217,7 @@ def make_batch(arrays: Sequence[np.ndarray], predictor: "Predictor") -> Any:
 
 
 def load_stage_predictor(sid: str, stage: "Stage", weights: Path | None, device: str = "auto",
-                         precision: str = "auto", engine: str = AUTO) -> "Predictor":
+                         precision: str = "auto", engine: str = AUTO, inputs: int | None = None) -> "Predictor":
     """The stage's own predictor when it loads one (``Stage.load_predictor`` returns non-None), else
     the shared :class:`~hierarchy.engine.predictor.Predictor` for ``weights``."""
     custom = stage.load_predictor(weights, device=device, precision=precision, engine=engine)
@@ -226,7 +227,7 @@ def load_stage_predictor(sid: str, stage: "Stage", weights: Path | None, device:
         raise ConfigError("pipeline", [f"stages.{sid}.weights: field required to run the pipeline"])
     from hierarchy.engine.predictor import load_predictor
 
-    return load_predictor(stage, weights, device=device, precision=precision, engine=engine)
+    return load_predictor(stage, weights, device=device, precision=precision, engine=engine, inputs=inputs)
 
 
 def resolve_threshold(sid: str, value: float | str | None, predictor: "Predictor") -> float | None:

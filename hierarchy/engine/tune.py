@@ -7,7 +7,10 @@ precision it serves here (bf16 on CPU only with native bf16, fp16 on CPU only wi
 int8 only where :func:`hierarchy.engine.quantize.int8_problem` passes for that engine) x, for torch, channels_last vs
 contiguous. Each is loaded and run on a random uint8 batch: one warm-up, then timed batches for about
 :data:`BUDGET_S`; one already far slower than the best so far is stopped early. The winner is swept
-over :data:`BATCH_SIZES`. Explicit ``--engine`` and ``--precision`` together skip all of this;
+over :data:`BATCH_SIZES`. Each candidate's start-up (load, plus the warm-up batch's extra time; an
+engine's first candidate also pays its runtime's import) is recorded too: a run that says it has only
+a few inputs (``hierarchy run`` with fewer than 64) gets the candidate that finishes it first,
+:meth:`TuneResult.for_inputs`. Explicit ``--engine`` and ``--precision`` together skip all of this;
 ``HIERARCHY_TUNE=off`` uses the conservative rule (:func:`hierarchy.engine.backends.choose_engine`,
 fp32 on CPUs without AMX). See docs/tuning.md.
 """
@@ -17,7 +20,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -65,6 +68,9 @@ class Measurement:
     batch: int
     img_s: float  # 0 when it failed or was not served as asked
     note: str = ""  # stopped early, failed, ...
+    # load + warm-up batch - one steady batch: what a run pays before full speed (an engine's first
+    # candidate also pays its runtime's import, when this process had not imported it yet)
+    start_s: float = 0.0
 
 
 @dataclass
@@ -77,6 +83,7 @@ class TuneResult:
     measured_at: str = ""
     cache: str = ""
     from_cache: bool = False
+    reason: str = ""  # why the pick is not the fastest (a short run, see for_inputs)
 
     @property
     def best_img_s(self) -> float:
@@ -86,25 +93,44 @@ class TuneResult:
         others = [m for m in self.measurements if m.candidate != self.pick and m.img_s > 0]
         return max(others, key=lambda m: m.img_s) if others else None
 
+    def start_s(self, engine: str) -> float:
+        """What a run on ``engine`` pays before its first batch at full speed (its costliest start measured)."""
+        return max((m.start_s for m in self.measurements if m.candidate.engine == engine), default=0.0)
+
+    def for_inputs(self, n: int | None) -> "TuneResult":
+        """This tuning for a run of ``n`` inputs: the candidate that finishes first counting its engine's
+        start-up, ``start + n / rate`` (a one-image run should not import torch to win 5% of throughput).
+        ``None`` (a long or unknown run): unchanged, the fastest."""
+        timed = [m for m in self.measurements if m.img_s > 0]
+        if n is None or not timed:
+            return self
+        first = min(timed, key=lambda m: self.start_s(m.candidate.engine) + n / m.img_s)
+        if first.candidate == self.pick:
+            return self
+        why = (f"a run of {n} input(s) finishes first on it: start {self.start_s(first.candidate.engine):.2f} s "
+               f"vs {self.start_s(self.pick.engine):.2f} s for the fastest, {self.pick.label()}")
+        return replace(self, pick=first.candidate, batch=min(COMPARE_BATCH, max(1, n)), batches={}, reason=why)
+
     def summary(self, name: str) -> str:
         """The log line: what was picked and from which measurement."""
         other = self.runner_up()
         versus = f" vs {other.candidate.label()} {other.img_s:.0f} img/s" if other else ""
         where = "cached, measured" if self.from_cache else "measured"
+        reason = f"; {self.reason}" if self.reason else ""
         return (f"tune: {name} -> {self.pick.label()} batch {self.batch} ({where} {self.measured_at}, "
-                f"{self.best_img_s:.0f} img/s{versus}; cache {_short(self.cache)})")
+                f"{self.best_img_s:.0f} img/s{versus}{reason}; cache {_short(self.cache)})")
 
     def to_dict(self) -> dict[str, Any]:
         return {"pick": asdict(self.pick), "batch": self.batch, "workers": self.workers,
                 "batches": {str(k): v for k, v in self.batches.items()},
-                "measurements": [{**asdict(m.candidate), "batch": m.batch, "img_s": m.img_s, "note": m.note}
-                                 for m in self.measurements]}
+                "measurements": [{**asdict(m.candidate), "batch": m.batch, "img_s": m.img_s, "note": m.note,
+                                  "start_s": m.start_s} for m in self.measurements]}
 
     @classmethod
     def from_record(cls, record: dict[str, Any], from_cache: bool) -> "TuneResult":
         r = record["result"]
         rows = [Measurement(Candidate(m["engine"], m["precision"], m["memory_format"]), int(m["batch"]),
-                            float(m["img_s"]), m.get("note", "")) for m in r["measurements"]]
+                            float(m["img_s"]), m.get("note", ""), float(m["start_s"])) for m in r["measurements"]]
         pick = Candidate(**r["pick"])
         if not any(m.candidate == pick and m.img_s > 0 for m in rows):
             raise ValueError("the pick has no measurement")
@@ -185,14 +211,15 @@ def random_batch(n: int, size: int) -> np.ndarray:
     return np.random.default_rng(0).integers(0, 256, size=(n, 3, size, size), dtype=np.uint8)
 
 
-def time_backend(backend: "Backend", x: np.ndarray, beat: float = 0.0) -> tuple[float, str]:
-    """img/s of ``backend`` on ``x`` after one warm-up; stopped early (and said so) when it runs far
-    below ``beat``, the best rate so far."""
+def time_backend(backend: "Backend", x: np.ndarray, beat: float = 0.0) -> tuple[float, str, float]:
+    """img/s of ``backend`` on ``x`` after one warm-up, the note and the warm-up's seconds; stopped
+    early (and said so) when it runs far below ``beat``, the best rate so far."""
     t0 = time.perf_counter()
     backend.run(x)
-    warm = len(x) / max(time.perf_counter() - t0, 1e-9)
+    warm_s = max(time.perf_counter() - t0, 1e-9)
+    warm = len(x) / warm_s
     if beat and warm < beat * WARM_STOP:
-        return warm, "stopped after warm-up"
+        return warm, "stopped after warm-up", warm_s
     runs, elapsed = 0, 0.0
     while True:
         t0 = time.perf_counter()
@@ -200,9 +227,9 @@ def time_backend(backend: "Backend", x: np.ndarray, beat: float = 0.0) -> tuple[
         elapsed, runs = elapsed + time.perf_counter() - t0, runs + 1
         rate = runs * len(x) / max(elapsed, 1e-9)
         if beat and rate < beat * EARLY_STOP:
-            return rate, "stopped early"
+            return rate, "stopped early", warm_s
         if elapsed >= BUDGET_S or runs >= MAX_RUNS:
-            return rate, ""
+            return rate, "", warm_s
 
 
 def measure(ckpt: "Checkpoint", device: str, cands: list[Candidate]) -> tuple[list[Measurement], Any]:
@@ -211,16 +238,18 @@ def measure(ckpt: "Checkpoint", device: str, cands: list[Candidate]) -> tuple[li
     rows, best, best_backend = [], 0.0, None
     for cand in cands:
         try:
+            t0 = time.perf_counter()
             backend = load_candidate(ckpt, device, cand)
+            load_s = time.perf_counter() - t0
             if backend.precision != cand.precision:
                 rows.append(Measurement(cand, len(x), 0.0, f"served as {backend.precision}"))
                 continue
-            rate, note = time_backend(backend, x, best)
+            rate, note, warm_s = time_backend(backend, x, best)
         except Exception as exc:  # noqa: BLE001 - a candidate that cannot run is not picked, the rest go on
             log.warning("tune: %s failed (%s: %s); not a candidate", cand.label(), type(exc).__name__, exc)
             rows.append(Measurement(cand, len(x), 0.0, f"failed: {type(exc).__name__}"))
             continue
-        rows.append(Measurement(cand, len(x), rate, note))
+        rows.append(Measurement(cand, len(x), rate, note, load_s + max(0.0, warm_s - len(x) / rate)))
         if rate > best:
             best, best_backend = rate, backend
     return rows, best_backend
@@ -257,14 +286,17 @@ def key_parts(ckpt: "Checkpoint", device: str, cands: list[Candidate]) -> dict[s
 
 
 def tune_checkpoint(ckpt: "Checkpoint", device: str = AUTO, cands: list[Candidate] | None = None,
-                    refresh: bool = False) -> tuple[TuneResult, Any]:
-    """The tuning of ``ckpt`` (from the cache unless ``refresh``) and its winner, loaded."""
+                    refresh: bool = False, inputs: int | None = None) -> tuple[TuneResult, Any]:
+    """The tuning of ``ckpt`` (from the cache unless ``refresh``) and its winner, loaded; from the
+    cache, the winner for a run of ``inputs`` images (:meth:`TuneResult.for_inputs`). A fresh
+    measurement has imported and loaded every engine already, so the fastest is the winner then."""
     cands = candidates(ckpt, device) if cands is None else cands
     if not cands:
         raise EngineError(f"{ckpt.meta_path}: no engine can run this checkpoint on device {device}")
     parts = key_parts(ckpt, device, cands)
     result = None if refresh else cached_result(parts)
     if result is not None:
+        result = result.for_inputs(inputs)
         return result, load_candidate(ckpt, device, result.pick)
     rows, backend = measure(ckpt, device, cands)
     if backend is None:
@@ -294,16 +326,18 @@ def cached_result(parts: dict[str, Any]) -> TuneResult | None:
 
 
 def load_backend(ckpt: "Checkpoint", device: str = AUTO, precision: str = AUTO, engine: str = AUTO,
-                 name: str = "stage") -> tuple["Backend", str, TuneResult | None]:
+                 name: str = "stage", inputs: int | None = None) -> tuple["Backend", str, TuneResult | None]:
     """The backend ``load_predictor`` uses, why, and the tuning it came from (None: not measured,
-    because engine and precision were both given, only one candidate exists, or HIERARCHY_TUNE=off)."""
+    because engine and precision were both given, only one candidate exists, or HIERARCHY_TUNE=off).
+    ``inputs``: how many images the caller will run, when it is known to be few (None: many or unknown)."""
     mode = tune_mode()
     if mode != "off" and AUTO in (engine, precision):
         cands = candidates(ckpt, device, engine, precision)
         if len(cands) > 1:
-            result, backend = tune_checkpoint(ckpt, device, cands, refresh=mode == "refresh")
+            result, backend = tune_checkpoint(ckpt, device, cands, refresh=mode == "refresh", inputs=inputs)
             log.info("%s", result.summary(name))
-            return backend, "tuned: measured fastest here", result
+            why = "tuned: first to finish this short run here" if result.reason else "tuned: measured fastest here"
+            return backend, why, result
     spec, why = choose_engine(engine, ckpt, device, precision)
     return spec.load(ckpt, device, conservative_precision(spec, device, precision)), why, None
 
@@ -351,12 +385,13 @@ def render_table(name: str, result: TuneResult) -> str:
     """The candidates of one tuning as a text table, fastest first, then the batch sweep."""
     best = result.best_img_s
     lines = [f"{name}: picked {result.pick.label()} batch {result.batch} (cache {_short(result.cache)})",
-             f"  {'engine':<9} {'precision':<9} {'memory format':<14} {'batch':>5} {'img/s':>8} {'ratio':>6}  picked"]
+             f"  {'engine':<9} {'precision':<9} {'memory format':<14} {'batch':>5} {'img/s':>8} {'ratio':>6} "
+             f"{'start s':>7}  picked"]
     for m in sorted(result.measurements, key=lambda m: -m.img_s):
         c = m.candidate
         mark = "*" if c == result.pick else ""
         lines.append(f"  {c.engine:<9} {c.precision:<9} {c.memory_format:<14} {m.batch:>5} {m.img_s:>8.1f} "
-                     f"{m.img_s / best:>6.2f}  {mark:<6}{m.note}".rstrip())
+                     f"{m.img_s / best:>6.2f} {m.start_s:>7.2f}  {mark:<6}{m.note}".rstrip())
     if result.batches:
         sweep = ", ".join(f"{n}: {r:.1f}" for n, r in result.batches.items())
         lines.append(f"  batch sweep of {result.pick.label()} (img/s): {sweep}; decode threads {result.workers}")
