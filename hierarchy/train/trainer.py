@@ -273,7 +273,6 @@ def _step(ctx: TrainContext, model: nn.Module, opt: torch.optim.Optimizer, loss:
     return False
 
 
-
 def _grads_finite(model: nn.Module) -> bool:
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     return not grads or bool(torch.stack([g.isfinite().all() for g in grads]).all())
@@ -319,10 +318,6 @@ def evaluate_model(model: nn.Module, loader: Any, device: torch.device, precisio
     recall = [((pred == c) & (y == c)).sum().item() / max(1, (y == c).sum().item()) for c in range(n_classes)]
     return {"loss": loss, "acc": (pred == y).float().mean().item() if len(y) else math.nan, "recall": recall,
             "logits": logits.numpy(), "targets": y.numpy()}
-
-
-
-
 
 
 def _to_device(ctx: TrainContext, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
