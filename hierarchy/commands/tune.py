@@ -3,6 +3,10 @@ of each stage on this machine (or, with --train, the training step), cache the p
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from hierarchy.engine.tune import TuneResult
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -25,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     from hierarchy.core import machine
-    from hierarchy.engine.tune import checkpoints_of, render_table, tune_checkpoint
+    from hierarchy.engine.tune import checkpoints_of, tune_checkpoint
 
     results = []
     for name, ckpt in checkpoints_of(args.target):
@@ -43,3 +47,22 @@ def run(args: argparse.Namespace) -> int:
         print(machine.header())
         print("\n\n".join(render_table(name, r) for name, r in results))
     return 0
+
+
+def render_table(name: str, result: "TuneResult") -> str:
+    """The candidates of one tuning as a text table, fastest first, then the batch sweep."""
+    from hierarchy.engine.tune import display_path
+
+    best = result.best_img_s
+    lines = [f"{name}: picked {result.pick.label()} batch {result.batch} (cache {display_path(result.cache)})",
+             f"  {'engine':<9} {'precision':<9} {'memory format':<14} {'batch':>5} {'img/s':>8} {'ratio':>6} "
+             f"{'start s':>7}  picked"]
+    for m in sorted(result.measurements, key=lambda m: -m.img_s):
+        c = m.candidate
+        mark = "*" if c == result.pick else ""
+        lines.append(f"  {c.engine:<9} {c.precision:<9} {c.memory_format:<14} {m.batch:>5} {m.img_s:>8.1f} "
+                     f"{m.img_s / best:>6.2f} {m.start_s:>7.2f}  {mark:<6}{m.note}".rstrip())
+    if result.batches:
+        sweep = ", ".join(f"{n}: {r:.1f}" for n, r in result.batches.items())
+        lines.append(f"  batch sweep of {result.pick.label()} (img/s): {sweep}; decode threads {result.workers}")
+    return "\n".join(lines)

@@ -118,7 +118,7 @@ class TuneResult:
         where = "cached, measured" if self.from_cache else "measured"
         reason = f"; {self.reason}" if self.reason else ""
         return (f"tune: {name} -> {self.pick.label()} batch {self.batch} ({where} {self.measured_at}, "
-                f"{self.best_img_s:.0f} img/s{versus}{reason}; cache {_short(self.cache)})")
+                f"{self.best_img_s:.0f} img/s{versus}{reason}; cache {display_path(self.cache)})")
 
     def to_dict(self) -> dict[str, Any]:
         return {"pick": asdict(self.pick), "batch": self.batch, "workers": self.workers,
@@ -381,23 +381,7 @@ def checkpoints_of(target: str | os.PathLike) -> list[tuple[str, "Checkpoint"]]:
     return out
 
 
-def render_table(name: str, result: TuneResult) -> str:
-    """The candidates of one tuning as a text table, fastest first, then the batch sweep."""
-    best = result.best_img_s
-    lines = [f"{name}: picked {result.pick.label()} batch {result.batch} (cache {_short(result.cache)})",
-             f"  {'engine':<9} {'precision':<9} {'memory format':<14} {'batch':>5} {'img/s':>8} {'ratio':>6} "
-             f"{'start s':>7}  picked"]
-    for m in sorted(result.measurements, key=lambda m: -m.img_s):
-        c = m.candidate
-        mark = "*" if c == result.pick else ""
-        lines.append(f"  {c.engine:<9} {c.precision:<9} {c.memory_format:<14} {m.batch:>5} {m.img_s:>8.1f} "
-                     f"{m.img_s / best:>6.2f} {m.start_s:>7.2f}  {mark:<6}{m.note}".rstrip())
-    if result.batches:
-        sweep = ", ".join(f"{n}: {r:.1f}" for n, r in result.batches.items())
-        lines.append(f"  batch sweep of {result.pick.label()} (img/s): {sweep}; decode threads {result.workers}")
-    return "\n".join(lines)
-
-
-def _short(path: str) -> str:
+def display_path(path: str) -> str:
+    """``path`` with the home directory as ``~``."""
     home = str(Path.home())
     return "~" + path[len(home):] if path.startswith(home + os.sep) else path
