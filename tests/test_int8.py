@@ -81,6 +81,9 @@ def test_guard_passes_and_is_recorded(trained: tuple[Path, Path]) -> None:
     assert entry["auroc_fp32"] == 1.0 and abs(entry["auroc_int8"] - entry["auroc_fp32"]) < 0.05
     assert abs(entry["ece_int8"] - entry["ece_fp32"]) < 0.05
     assert int8_problem(ckpt) is None and unmet_need(ENGINES["onnx"], ckpt, "cpu", "int8") is None
+    from hierarchy.commands.export import render_int8
+
+    assert f"onnx {100 * entry['engines']['onnx']['agreement']:.2f}% (serves it)" in render_int8(entry)
 
 
 def test_run_int8_through_the_cli_gives_fp32_labels(trained: tuple[Path, Path], tmp_path: Path) -> None:
@@ -141,6 +144,9 @@ def test_an_engine_that_failed_its_guard_does_not_serve_the_file_another_passed(
     rc_ov, ov = run_labels(tmp_path, run, images, "--engine", "openvino", "--precision", "int8")
     rc_onnx, _ = run_labels(tmp_path, run, images[:2], "--engine", "onnx", "--precision", "int8")
     assert rc_ov == 0 and len(ov) == len(images) and rc_onnx == 2
+    from hierarchy.commands.export import render_int8
+
+    assert "onnx 99.47% (refused)" in render_int8(entry) and "(serves it)" in render_int8(entry)
     del entry["engines"]["openvino"]
     entry["engines"]["onnx"]["agreement"] = 1.0
     (run / "metadata.json").write_text(json.dumps(meta))

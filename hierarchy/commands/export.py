@@ -91,9 +91,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def render_int8(entry: dict) -> str:
-    from hierarchy.engine.quantize import guard_text
+    from hierarchy.engine.quantize import guard_text, passing_engines
 
-    per_engine = "; ".join(f"{name} {100 * m['agreement']:.2f}%" for name, m in entry["engines"].items())
+    passing = passing_engines(entry)
+    per_engine = "; ".join(f"{name} {100 * m['agreement']:.2f}% ({'serves it' if name in passing else 'refused'})"
+                           for name, m in entry["engines"].items())
     flips = entry.get("ood_decision_flips")
     return (f"{entry['file']}: int8 (QDQ) from {entry['calibration_images']} training images; {guard_text(entry)} "
             f"on {entry['val_images']} val images ({per_engine}); ECE fp32 {entry['ece_fp32']:.4f} -> int8 "
