@@ -117,31 +117,17 @@ def decode_only(paths: list[Path]) -> float:
     return len(paths) / (time.perf_counter() - t)
 
 
-PIL_DECODE = """
-import sys, time
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-from hierarchy.data.batches import default_workers
-from hierarchy.data.decode import decode_arrays
-paths = [Path(p) for p in sys.argv[1:]]
-t = time.perf_counter()
-with ThreadPoolExecutor(default_workers()) as pool:
-    for _ in pool.map(lambda p: decode_arrays(p, [224]), paths):
-        pass
-rate = len(paths) / (time.perf_counter() - t)
-assert "torch" not in sys.modules, "the PIL decode imported torch"
-print(rate)
-"""
-
-
 def decode_pil_fresh(paths: list[Path]) -> float:
-    """Decode-only img/s in a fresh process that never imports torch (PIL decode + resize), the
-    decoder an ONNX/OpenVINO run of under 4,096 inputs uses."""
+    """:func:`decode_only` in a fresh process that never imports torch (PIL decode + resize), the
+    decoder an ONNX/OpenVINO run of under EXPORTED_LONG_RUN inputs uses."""
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-c", PIL_DECODE, *map(str, paths)], check=True, capture_output=True,
-                          text=True)
+    child = ("import sys; from pathlib import Path; import bench_run; "
+             "rate = bench_run.decode_only([Path(p) for p in sys.argv[1:]]); "
+             "assert 'torch' not in sys.modules, 'the PIL decode imported torch'; print(rate)")
+    proc = subprocess.run([sys.executable, "-c", child, *map(str, paths)], check=True, capture_output=True, text=True,
+                          cwd=Path(__file__).parent)
     return float(proc.stdout.strip().splitlines()[-1])
 
 
@@ -256,7 +242,9 @@ def print_default_vs_best(res: dict[str, list[float]], engines: list[str], seen:
     best_name = max(combos, key=combos.get)
     best, wall, in_run = combos[best_name], median(res["default"]), median(seen["in_run"])
     pil, fast = median(res["decode pil"]), median(res["decode"])
-    uses_pil = not seen["engine"].startswith("torch") and n < 4096  # router.EXPORTED_LONG_RUN
+    from hierarchy.engine.router import EXPORTED_LONG_RUN
+
+    uses_pil = not seen["engine"].startswith("torch") and n < EXPORTED_LONG_RUN
     used, other = (("PIL", pil), ("torchvision", fast)) if uses_pil else (("torchvision", fast), ("PIL", pil))
     agree = sum(a == b for a, b in zip(seen["labels"], fp32_labels)) / len(fp32_labels)
     rows = [[f"hierarchy run, default flags (tuned: {seen['engine']}), wall", f"{wall:.1f}", "-",
