@@ -185,3 +185,55 @@ def test_calibrate_ood_refits_the_score_and_run_uses_it(trained, tmp_path, capsy
     (tmp_path / "ds2" / "dataset.json").write_text(json.dumps({"sources": {
         "ham10000": {"type": "ham10000"}, "negs": {"type": "outliers"}}}))
     assert outlier_sources(tmp_path / "ds2") == {"negs"} and outlier_sources(tmp_path / "nope") == set()
+
+
+def _copy_with_train(run, tmp_path, **train):
+    """A copy of the fixture run whose metadata.json ``train`` block says ``train`` (as a run trained
+    with those settings records it)."""
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    meta = json.loads((copy / "metadata.json").read_text())
+    meta["train"] = {**meta["train"], **train}
+    (copy / "metadata.json").write_text(json.dumps(meta))
+    return copy
+
+
+def _calibrate_json(copy, data, capsys, *flags):
+    assert main(["calibrate", str(copy), "--data", str(data), "--precision", "fp32", "--format", "json", *flags]) == 0
+    return json.loads(capsys.readouterr().out), json.loads((copy / "metadata.json").read_text())
+
+
+def test_calibrate_views_fit_the_temperature_on_augmented_views(trained, tmp_path, capsys):
+    root, run = trained
+    copy = _copy_with_train(run, tmp_path, augment={"rotate": 90, "color_jitter": 0.5, "crop_scale": [0.3, 1.0]})
+    n_val = sum(1 for line in (root / "ds" / "manifest.csv").read_text().splitlines() if ",val," in line)
+    plain, meta0 = _calibrate_json(copy, root / "ds", capsys, "--views", "0")
+    assert meta0["calibration"]["views"] == 0 and meta0["calibration"]["n"] == n_val
+    seen, meta2 = _calibrate_json(copy, root / "ds", capsys, "--views", "2")
+    assert meta2["calibration"]["views"] == 2 and meta2["calibration"]["n"] == 2 * n_val
+    assert meta2["calibration"]["fitted"] != pytest.approx(meta0["calibration"]["fitted"], abs=1e-6)
+    assert seen["n"] == n_val and meta2["threshold"]["n"] == n_val  # the threshold: the images as is
+    again, meta2b = _calibrate_json(copy, root / "ds", capsys, "--views", "2")
+    assert meta2b["calibration"]["fitted"] == meta2["calibration"]["fitted"]  # seeded by train.seed
+    assert main(["calibrate", str(copy), "--data", str(root / "ds"), "--precision", "fp32", "--views", "2"]) == 0
+    assert "fitted on 2 augmented view(s) of each image" in capsys.readouterr().out
+
+
+def test_calibrate_uses_the_runs_calibration_views_by_default(trained, tmp_path, capsys):
+    root, run = trained
+    copy = _copy_with_train(run, tmp_path, calibration_views=3, augment={"rotate": 45})
+    n_val = sum(1 for line in (root / "ds" / "manifest.csv").read_text().splitlines() if ",val," in line)
+    summary, meta = _calibrate_json(copy, root / "ds", capsys)
+    assert summary["views"] == 3 and meta["calibration"]["views"] == 3 and meta["calibration"]["n"] == 3 * n_val
+    summary, meta = _calibrate_json(copy, root / "ds", capsys, "--no-temperature")
+    assert summary["views"] == 0 and meta["calibration"]["views"] == 3  # the stored calibration is kept
+
+
+@pytest.mark.parametrize("value", ["-1", "33", "two"])
+def test_calibrate_rejects_bad_views(trained, capsys, value):
+    root, run = trained
+    with pytest.raises(SystemExit) as exc:
+        main(["calibrate", str(run), "--data", str(root / "ds"), "--views", value])
+    assert exc.value.code == 2 and "argument --views" in capsys.readouterr().err

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from hierarchy.commands import add_inference_options
+from hierarchy.commands import add_inference_options, whole_number
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -29,6 +29,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "of argmax) reaching recall R on DATA; repeatable; stored for `decide: auto` in a pipeline")
     p.add_argument("--no-temperature", dest="temperature", action="store_false",
                    help="keep the stored temperature; only tune the threshold")
+    p.add_argument("--views", type=whole_number(0, 32), metavar="N", help="fit the temperature on N views of each image through "
+                   "the run's training augmentation, as train.calibration_views does (default: the run's "
+                   "train.calibration_views; 0 = the images as is); the threshold is tuned on the images as is")
     ood = p.add_argument_group("OOD score (docs/ood.md)")
     ood.add_argument("--ood", action="store_true", help="instead: refit the run's OOD score on DATA's train split "
                      "and tune its threshold on its val split (DATA: a build-dataset output)")
@@ -75,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
 
     summary = calibrate_run(Path(args.run_dir), Path(args.data), split=args.split, target=target_from_args(args),
                             refit_temperature=args.temperature, device=args.device, precision=args.precision,
-                            engine=args.engine, batch_size=args.batch_size or 32, target_recall=args.target_recall)
+                            engine=args.engine, batch_size=args.batch_size or 32, target_recall=args.target_recall,
+                            views=args.views)
     print(json.dumps(summary, indent=2) if args.format == "json" else render(summary))
     return 0

@@ -10,7 +10,7 @@ import inspect
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
@@ -30,19 +30,21 @@ class Scored:
     logits: np.ndarray  # (N, C) raw, before temperature
     y: np.ndarray  # (N,) label indices
     errors: list[dict[str, str]]  # images that could not be decoded
+    views: np.ndarray | None = None  # (V * N, C) raw logits of V augmented views, each image's V views in a row
 
 
 def predict_samples(predictor: "Predictor", samples: Sequence["Sample"], batch_size: int = 32,
-                    workers: int | None = None, progress: bool = True) -> Scored:
-    """Raw logits for every decodable sample (decoded like ``hierarchy run`` does)."""
+                    workers: int | None = None, progress: bool = True, views: int = 0,
+                    augment: Callable[[np.ndarray], np.ndarray] | None = None) -> Scored:
+    """Raw logits for every decodable sample (decoded like ``hierarchy run`` does); with ``views`` and
+    ``augment`` (uint8 (3, S, S) -> same) also the logits of ``views`` augmented copies of each."""
     from tqdm import tqdm
 
     from hierarchy.data.batches import decode_batches, decode_item
-    from hierarchy.engine.router import make_batch
 
     index = {lab: i for i, lab in enumerate(predictor.labels)}
     preset = predictor.preset
-    logits, ys, errors = [], [], []
+    logits, seen, ys, errors = [], [], [], []
     batches = decode_batches([s.path for s in samples], lambda p: decode_item(p, [preset]), batch_size, workers)
     with tqdm(total=len(samples), desc="calibrate", unit="img", file=sys.stderr,
               disable=None if progress else True, mininterval=0.5) as bar:
@@ -52,13 +54,42 @@ def predict_samples(predictor: "Predictor", samples: Sequence["Sample"], batch_s
             errors += [{"path": str(d.path), "type": getattr(d.error, "type", "error"),
                         "message": getattr(d.error, "message", str(d.error))} for d in items if d.error is not None]
             if good:
-                batch = make_batch([d.array(preset) for _, d in good], predictor)
-                pred = predictor.predict(batch, return_logits=True)
-                logits.append(np.asarray(pred.logits, dtype=np.float32))
+                arrays = [d.array(preset) for _, d in good]
+                logits.append(_logits(predictor, arrays))
+                if views and augment is not None:
+                    seen.append(_logits(predictor, [augment(a) for a in arrays for _ in range(views)]))
                 ys += [index[s.label] for s, _ in good]
             bar.update(len(items))
     width = len(predictor.labels)
-    return Scored(np.concatenate(logits) if logits else np.zeros((0, width), np.float32), np.asarray(ys, np.int64), errors)
+    empty = np.zeros((0, width), np.float32)
+    return Scored(np.concatenate(logits) if logits else empty, np.asarray(ys, np.int64), errors,
+                  (np.concatenate(seen) if seen else empty) if views and augment is not None else None)
+
+
+def _logits(predictor: "Predictor", arrays: list[np.ndarray]) -> np.ndarray:
+    from hierarchy.engine.router import make_batch
+
+    return np.asarray(predictor.predict(make_batch(arrays, predictor), return_logits=True).logits, dtype=np.float32)
+
+
+def view_augment(meta: "CheckpointMetadata") -> Callable[[np.ndarray], np.ndarray]:
+    """The run's own training augmentation (``train.hflip`` and ``train.augment`` from metadata.json)
+    as a uint8 (3, S, S) numpy function, as ``train.calibration_views`` applies it to val."""
+    import torch
+
+    from hierarchy.config.train import TrainConfig
+    from hierarchy.train.augment import Augment
+
+    stored = (getattr(meta, "train", None) or {})
+    cfg = TrainConfig(**{k: stored[k] for k in ("hflip", "augment") if k in stored})
+    recipe = Augment(cfg.hflip, cfg.augment)
+    return lambda a: recipe(torch.from_numpy(np.ascontiguousarray(a))).contiguous().numpy()
+
+
+def run_views(meta: "CheckpointMetadata") -> int:
+    """The number of views the run was trained to fit its temperature on (``train.calibration_views``), else 0."""
+    value = (getattr(meta, "train", None) or {}).get("calibration_views")
+    return value if isinstance(value, int) and value > 0 else 0
 
 
 def default_target(meta: "CheckpointMetadata") -> dict[str, Any]:
@@ -89,9 +120,11 @@ def run_floor(meta: "CheckpointMetadata") -> float:
 def calibrate_run(run_dir: Path, data: Path, *, split: str | None = None, target: dict | None = None,
                   refit_temperature: bool = True, device: str = "auto", precision: str = "auto",
                   engine: str = "auto", batch_size: int = 32, workers: int | None = None,
-                  progress: bool = True, target_recall: Sequence[str] = ()) -> dict[str, Any]:
+                  progress: bool = True, target_recall: Sequence[str] = (), views: int | None = None) -> dict[str, Any]:
     """Refit temperature and threshold of the run on ``data``; with ``target_recall`` (``["mel=0.95"]``)
-    also tune per-label decision thresholds (``decide: auto``); update metadata.json; return a summary."""
+    also tune per-label decision thresholds (``decide: auto``); update metadata.json; return a summary.
+    ``views`` (None: the run's ``train.calibration_views``) fits the temperature on that many views of
+    each image through the run's training augmentation; the threshold is always tuned on ``data`` as is."""
     from hierarchy.registry import get_stage
 
     from hierarchy.engine.router import load_stage_predictor
@@ -114,10 +147,12 @@ def calibrate_run(run_dir: Path, data: Path, *, split: str | None = None, target
     predictor = load_stage_predictor(meta.stage, get_stage(meta.stage)(), meta_path.parent, device, precision, engine)
     if "return_logits" not in inspect.signature(predictor.predict).parameters:
         raise HierarchyError(f"stage '{meta.stage}': its predictor does not return logits; calibrate needs them")
-    scored = predict_samples(predictor, samples, batch_size, workers, progress)
+    views = (run_views(meta) if views is None else views) if refit_temperature else 0
+    scored = _score(predictor, samples, meta, batch_size, workers, progress, views)
     if len(scored.y) == 0:
         raise HierarchyError(f"{data}: none of the {len(samples)} image(s) could be decoded")
-    cal = calibration(scored.logits, scored.y, run_floor(meta)) if refit_temperature else None
+    fit_on, fit_y = (scored.views, np.repeat(scored.y, views)) if views else (scored.logits, scored.y)
+    cal = calibration(fit_on, fit_y, run_floor(meta)) if refit_temperature else None
     new_t = cal["temperature"] if cal else meta.temperature
     tuned = tune_threshold(calibrated(scored.logits, new_t), scored.y, target, labels)
     fields: dict[str, Any] = {"threshold": {**tuned, "data": str(data), "split": info["split"]}}
@@ -126,12 +161,26 @@ def calibrate_run(run_dir: Path, data: Path, *, split: str | None = None, target
                             "data": str(data), "split": info["split"]}
     if cal:
         fields.update(temperature=cal["temperature"], calibration={
-            "method": "temperature", "split": info["split"], "data": str(data), **cal})
+            "method": "temperature", "split": info["split"], "data": str(data), "views": views, **cal})
     before = _state(scored, meta.temperature, (meta.threshold or {}).get("threshold"))
     update_metadata(meta_path, **fields)
     return {"run": str(meta_path.parent), "metadata": str(meta_path), "data": info, "n": int(len(scored.y)),
-            "decode_errors": scored.errors, "refit_temperature": refit_temperature, "target": target,
+            "decode_errors": scored.errors, "refit_temperature": refit_temperature, "views": views, "target": target,
             "threshold": fields["threshold"], "decide": fields.get("decide"), "before": before, "after": _state(scored, new_t, tuned["threshold"])}
+
+
+def _score(predictor: "Predictor", samples: Sequence["Sample"], meta: "CheckpointMetadata", batch_size: int,
+           workers: int | None, progress: bool, views: int) -> Scored:
+    """predict_samples with the run's augmentation; the views come from a torch generator seeded by the
+    run's ``train.seed``, so the same run and data give the same temperature (the caller's RNG is untouched)."""
+    import torch
+
+    if not views:
+        return predict_samples(predictor, samples, batch_size, workers, progress)
+    seed = (getattr(meta, "train", None) or {}).get("seed", 0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed if isinstance(seed, int) else 0)
+        return predict_samples(predictor, samples, batch_size, workers, progress, views, view_augment(meta))
 
 
 def render(summary: dict[str, Any]) -> str:
@@ -159,5 +208,8 @@ def render(summary: dict[str, Any]) -> str:
             + " (use `decide: auto` in the pipeline)")
     if not summary["refit_temperature"]:
         lines.append("temperature kept (--no-temperature)")
+    elif summary.get("views"):
+        lines.append(f"temperature fitted on {summary['views']} augmented view(s) of each image "
+                     f"({summary['views'] * summary['n']} in all); threshold tuned on the images as is")
     lines.append(f"updated {summary['metadata']}")
     return "\n".join(lines)
