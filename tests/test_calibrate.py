@@ -187,6 +187,25 @@ def test_calibrate_ood_refits_the_score_and_run_uses_it(trained, tmp_path, capsy
     assert outlier_sources(tmp_path / "ds2") == {"negs"} and outlier_sources(tmp_path / "nope") == set()
 
 
+def test_calibrate_ood_fits_on_aperture_views_and_a_later_refit_keeps_the_share(trained, tmp_path, capsys):
+    import shutil
+
+    root, run = trained
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    common = ["--data", str(root / "ds"), "--ood", "--precision", "fp32", "--format", "json"]
+    assert main(["calibrate", str(copy), *common]) == 0
+    plain = json.loads(capsys.readouterr().out)["ood"]["fit"]
+    assert "aperture_share" not in plain
+    assert main(["calibrate", str(copy), *common, "--ood-fit-aperture", "0.5"]) == 0
+    fit = json.loads(capsys.readouterr().out)["ood"]["fit"]
+    assert fit["aperture_share"] == 0.5 and fit["aperture_radius"] == [0.8, 1.3]
+    assert fit["n"] == plain["n"] + round(0.5 * plain["n"])  # every train image once, half of them again
+    assert main(["calibrate", str(copy), *common]) == 0  # no flag: the run's own share
+    assert json.loads((copy / "metadata.json").read_text())["ood"]["fit"]["aperture_share"] == 0.5
+    capsys.readouterr()
+
+
 def _copy_with_train(run, tmp_path, **train):
     """A copy of the fixture run whose metadata.json ``train`` block says ``train`` (as a run trained
     with those settings records it)."""

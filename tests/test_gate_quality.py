@@ -31,12 +31,14 @@ def test_recommended_recipe_meets_the_issue_targets(bench, real_data: Path, tmp_
     recipe = bench.RECIPES[bench.RECOMMENDED]
     dataset = bench.build_dataset(real_data, tmp_path, None, recipe.get("dataset", {}).get("outliers"))
     run, seconds = bench.train(dataset, tmp_path, bench.RECOMMENDED, recipe, args)
-    rows = bench.dev_eval_rows(dev, None, tmp_path / "skimage")  # dev_eval + scikit-image's retina/ihc/cell
+    # dev_eval + scikit-image's retina/ihc/cell + dev_eval's dermoscopy inside a round field of view
+    rows = bench.dev_eval_rows(dev, None, tmp_path / "skimage", tmp_path / "aperture")
     got = bench.scores(rows, bench.run_gate(run, rows, dev, tmp_path))
     print(bench.table({bench.RECOMMENDED: {**got, "train_s": seconds}}))
     assert seconds <= 30 * 60
     assert got["dermoscopy"] >= 0.995
     assert got["everyday"] >= 0.995 and got["textures"] >= 0.98 and got["medical_nonskin"] >= 0.98
     assert got["skimage"] >= 0.95
+    assert got["dermoscopy_aperture"] >= 0.98  # not an issue target: 1.000 on both seeds measured (class A)
     assert got["ece"] <= 0.03
     assert got["coverage"] >= 0.9 and got["error_answered"] <= 0.005  # with abstention (and OOD stops)

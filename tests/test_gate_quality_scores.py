@@ -24,3 +24,26 @@ def test_scores_count_rejection_as_the_gate_stopping_and_leave_abstentions_out()
     assert got["coverage"] == 0.8  # one of five abstained
     assert got["error_answered"] == 0.25  # of the four answered, the texture passed as skin is wrong
     assert got["selective_error_90"] == pytest.approx(2 / 5)  # by confidence alone: the 0.8 and 0.7 textures
+
+
+def test_the_aperture_check_counts_passes_and_stays_out_of_the_calibration_figures() -> None:
+    rows = [{"group": "dermoscopy", "label": "skin"}, {"group": "textures", "label": "non-skin"},
+            {"group": "dermoscopy_aperture", "label": "skin"}, {"group": "dermoscopy_aperture", "label": "skin"}]
+    records = [record("ok", "skin", 0.9), record("ok", "non-skin", 0.1),
+               record("ok", "skin", 0.9), record("abstained", None, 0.3)]
+    got = bench.scores(rows, records)
+    assert got["dermoscopy_aperture"] == 0.5 and got["dermoscopy"] == 1.0 and got["textures"] == 1.0
+    assert got["coverage"] == 1.0 and got["error_answered"] == 0.0  # the abstained aperture image is not counted
+
+
+def test_with_aperture_blackens_outside_the_circle(tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    src = tmp_path / "derm.png"
+    Image.new("RGB", (80, 60), (200, 150, 120)).save(src)
+    out = bench.with_aperture([src], tmp_path / "aperture")
+    got = np.asarray(Image.open(out[0]))
+    assert out[0].parent == tmp_path / "aperture" and got.shape == (60, 80, 3)
+    assert got[0, 0].max() < 16 and got[:, 2].max() < 16  # corners and the sides beyond the circle
+    assert abs(int(got[30, 40, 0]) - 200) < 6  # centre kept (JPEG)

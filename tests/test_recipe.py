@@ -46,11 +46,32 @@ def test_robust_augment_changes_images_deterministically() -> None:
     assert sum(not torch.equal(x, y) for x, y in zip(images, first)) == len(images)
 
 
+def test_aperture_darkens_the_corners_and_keeps_the_centre() -> None:
+    bright = torch.full((3, 64, 64), 200, dtype=torch.uint8)
+    torch.manual_seed(0)
+    out = Augment(False, AugmentConfig(aperture=1.0, aperture_radius=(0.9, 1.0)))(bright)
+    assert out.dtype == torch.uint8 and out.shape == bright.shape
+    assert int(out[:, 0, 0].max()) <= 24 and int(out[:, -1, -1].max()) <= 24  # outside: near-black
+    assert torch.equal(out[:, 24:40, 24:40], bright[:, 24:40, 24:40])  # inside: untouched
+    torch.manual_seed(0)
+    assert torch.equal(Augment(False, AugmentConfig(aperture=0.0, rot90=True))(bright), bright)
+
+
+def test_aperture_radius_beyond_the_corners_changes_nothing() -> None:
+    x = _images(1, 48)[0]
+    torch.manual_seed(0)
+    assert torch.equal(Augment(False, AugmentConfig(aperture=1.0, aperture_radius=(1.6, 1.6)))(x), x)
+
+
 def test_augment_config_rejects_bad_ranges() -> None:
     with pytest.raises(ValueError, match="crop_scale"):
         TrainConfig(augment={"crop_scale": [0.5, 1.5]})
     with pytest.raises(ValueError, match="jpeg_quality"):
         TrainConfig(augment={"jpeg_quality": [0, 90]})
+    with pytest.raises(ValueError, match="aperture_radius"):
+        TrainConfig(augment={"aperture": 0.2, "aperture_radius": [1.2, 0.8]})
+    with pytest.raises(ValueError, match="aperture"):
+        TrainConfig(augment={"aperture": 1.5})
     with pytest.raises(ValueError, match="augment.vfilp"):
         TrainConfig(augment={"vfilp": True})
 

@@ -29,9 +29,10 @@ def train(data: Path, out: Path, *flags: str) -> dict:
 
 def test_train_flags_set_the_threshold_target_and_ood_fit(data: Path, tmp_path: Path) -> None:
     meta = train(data, tmp_path, "--threshold-target", "target_coverage=0.5", "--ood-method", "mahalanobis",
-                 "--ood-keep", "0.9", "--no-calibrate")
+                 "--ood-keep", "0.9", "--ood-fit-aperture", "0.25", "--no-calibrate")
     assert meta["threshold"]["target"] == {"target_coverage": 0.5}
     assert meta["ood"]["method"] == "mahalanobis" and meta["ood"]["keep"] == 0.9
+    assert meta["train"]["ood_fit_aperture"] == 0.25 and meta["ood"]["fit"]["aperture_share"] == 0.25
     assert meta["temperature"] == 1.0 and meta["train"]["calibrate"] is False
 
 

@@ -42,6 +42,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ood.add_argument("--ood-per-class", action=argparse.BooleanOptionalAction, default=None,
                      help="keep Q of each predicted class (class offsets) rather than of val as a whole "
                      "(default: the run's, else on)")
+    ood.add_argument("--ood-fit-aperture", type=float, metavar="SHARE", help="also fit on this share of train images "
+                     "seen through a round field of view (default: the run's, else 0)")
     p.add_argument("--format", choices=("table", "json"), default="table")
     add_inference_options(p, workers=False)
     p.set_defaults(func=run)
@@ -70,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
         from hierarchy.evaluate.ood_refit import refit_ood, render as render_ood
 
         result = refit_ood(Path(args.run_dir), Path(args.data), method=args.ood_method, keep=args.ood_keep,
-                           tune_on=args.ood_tune, per_class=args.ood_per_class, device=args.device,
+                           tune_on=args.ood_tune, per_class=args.ood_per_class,
+                           fit_aperture=args.ood_fit_aperture, device=args.device,
                            precision=args.precision, engine=args.engine, batch_size=args.batch_size or 64)
         print(json.dumps(result, indent=2) if args.format == "json" else render_ood(result))
         return 0

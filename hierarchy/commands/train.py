@@ -50,12 +50,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     after.add_argument("--ood-tune", choices=("shifted", "val"), help="tune it on shifted val views (default) or as is")
     after.add_argument("--ood-per-class", action=argparse.BooleanOptionalAction, default=None,
                        help="keep SHARE of each predicted class (default on), not of val as a whole")
+    after.add_argument("--ood-fit-aperture", type=float, metavar="SHARE",
+                       help="also fit on SHARE of train seen through a round field of view (default 0)")
     p.set_defaults(func=run)
 
 
 TRAIN_FLAGS = ("epochs", "batch_size", "img_size", "lr", "backbone", "pretrained", "device", "precision",
                "workers", "cache", "max_steps_per_epoch", "out", "name", "seed", "patience", "calibrate", "ood",
-               "ood_method", "ood_keep", "ood_tune", "ood_per_class")
+               "ood_method", "ood_keep", "ood_tune", "ood_per_class", "ood_fit_aperture")
 _NONE = object()  # --threshold-target none: an explicit null, unlike an absent flag
 
 

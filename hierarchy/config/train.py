@@ -29,6 +29,8 @@ class AugmentConfig(BaseModel):
     jpeg_quality: Optional[Tuple[int, int]] = None  # re-encode as JPEG at a quality drawn from this range
     downscale: Optional[Tuple[float, float]] = None  # shrink by a factor in this range and back (blur/scale)
     p: float = Field(default=1.0, ge=0, le=1)  # chance that each enabled photometric/JPEG/downscale op runs
+    aperture: float = Field(default=0.0, ge=0, le=1)  # chance of a dermatoscope's round field of view (dark outside)
+    aperture_radius: Tuple[float, float] = (0.8, 1.3)  # its radius range, in half the short side (1: touches the edges)
 
     @field_validator("crop_scale", "downscale")
     @classmethod
@@ -37,7 +39,7 @@ class AugmentConfig(BaseModel):
             raise ValueError(f"must be [low, high] with 0 < low <= high <= 1, got {list(v)}")
         return v
 
-    @field_validator("crop_ratio")
+    @field_validator("crop_ratio", "aperture_radius")
     @classmethod
     def _ratio(cls, v: Tuple[float, float]) -> Tuple[float, float]:
         if not 0 < v[0] <= v[1]:
@@ -53,7 +55,8 @@ class AugmentConfig(BaseModel):
 
     def enabled(self) -> bool:
         return (self.crop_scale is not None or self.rotate > 0 or self.rot90 or self.vflip or self.color_jitter > 0
-                or self.hue > 0 or self.jpeg_quality is not None or self.downscale is not None)
+                or self.hue > 0 or self.jpeg_quality is not None or self.downscale is not None
+                or self.aperture > 0)
 
 
 class TrainConfig(BaseModel):
@@ -99,6 +102,9 @@ class TrainConfig(BaseModel):
     ood_tune: Literal["val", "shifted"] = "shifted"  # tune on val as is, or on colour/JPEG/resolution-shifted views
     ood_per_class: StrictBool = True  # keep ood_keep of each predicted class (class offsets), not of val as a whole
     ood_k: int = Field(default=5, ge=1, strict=True)  # neighbour rank for the knn score
+    # also fit the OOD statistics on this share of train images seen through a round field of view
+    # (augment.aperture_radius), so a dermatoscope's dark rim is not out of distribution by itself
+    ood_fit_aperture: float = Field(default=0.0, ge=0, le=1)
     out: Path = Path("runs")  # run dir = out/<stage>/<name>
     name: str = "train"
 

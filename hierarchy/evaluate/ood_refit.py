@@ -9,7 +9,8 @@ from hierarchy.core.errors import HierarchyError
 
 
 def refit_ood(run_dir: Path, data: Path, *, method: str | None = None, keep: float | None = None,
-              tune_on: str | None = None, per_class: bool | None = None, device: str = "auto",
+              tune_on: str | None = None, per_class: bool | None = None, fit_aperture: float | None = None,
+              device: str = "auto",
               precision: str = "auto", engine: str = "auto", batch_size: int = 64) -> dict[str, Any]:
     """Refit and store the run's ``ood`` entry; unset settings keep the run's (else the training defaults)."""
     from hierarchy.config.train import TrainConfig
@@ -31,6 +32,11 @@ def refit_ood(run_dir: Path, data: Path, *, method: str | None = None, keep: flo
                 "k": int((before.get("fit") or {}).get("k") or defaults.ood_k),
                 "per_class": per_class if per_class is not None else
                 (before["per_class"] is not None if "per_class" in before else defaults.ood_per_class)}
+    fit = before.get("fit") or {}
+    settings["fit_aperture"] = float(fit_aperture if fit_aperture is not None else fit.get("aperture_share", 0.0))
+    recipe = (meta.train or {}).get("augment") or {}  # the run's own circle when it trained with one
+    settings["aperture_radius"] = tuple(fit.get("aperture_radius") or recipe.get("aperture_radius")
+                                        or defaults.augment.aperture_radius)
     train, _ = select_samples(Path(data), "train", labels=labels)
     val, _ = select_samples(Path(data), "val", labels=labels)
     predictor = load_stage_predictor(meta.stage, get_stage(meta.stage)(), meta_path.parent, device, precision, engine)

@@ -25,7 +25,7 @@ def _uniform(lo: float, hi: float) -> float:
 
 class Augment:
     """Callable uint8 (3, S, S) -> uint8 (3, S, S): geometry first (crop, flips, rotations), then
-    colour, then the camera-like degradations (downscale, JPEG)."""
+    the optics (a round field of view), colour, then the camera-like degradations (downscale, JPEG)."""
 
     def __init__(self, hflip: bool = True, cfg: "AugmentConfig | None" = None):
         self.hflip, self.cfg = hflip, cfg
@@ -35,7 +35,7 @@ class Augment:
             x = x.flip(-1)
         if self.cfg is None or not self.cfg.enabled():
             return x
-        return self._degrade(self._colour(self._geometry(x)))
+        return self._degrade(self._colour(self._aperture(self._geometry(x))))
 
     def _geometry(self, x: torch.Tensor) -> torch.Tensor:
         c = self.cfg
@@ -63,6 +63,21 @@ class Augment:
                 top, left = int(torch.randint(h - ch + 1, ())), int(torch.randint(w - cw + 1, ()))
                 return F.resized_crop(x, top, left, ch, cw, [h, w], interpolation=BILINEAR, antialias=True)
         return x
+
+    def _aperture(self, x: torch.Tensor) -> torch.Tensor:
+        """What many dermatoscopes record: the image inside a circle (radius, centre, edge width and
+        the dark level outside drawn per image), near-black outside it."""
+        c = self.cfg
+        if c.aperture <= 0 or torch.rand(()) >= c.aperture:
+            return x
+        h, w = x.shape[-2:]
+        radius, edge, dark = _uniform(*c.aperture_radius), _uniform(0.01, 0.08), _uniform(0, 24)
+        cy, cx = _uniform(-0.05, 0.05), _uniform(-0.05, 0.05)
+        half = min(h, w) / 2
+        yy = (torch.arange(h, dtype=torch.float32) + 0.5 - h / 2) / half - cy
+        xx = (torch.arange(w, dtype=torch.float32) + 0.5 - w / 2) / half - cx
+        inside = ((radius - torch.hypot(yy[:, None], xx[None, :])) / edge).clamp(0, 1)
+        return (x.float() * inside + dark * (1 - inside)).round().to(torch.uint8)
 
     def _colour(self, x: torch.Tensor) -> torch.Tensor:
         c = self.cfg

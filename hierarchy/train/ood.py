@@ -57,7 +57,8 @@ def fit_for_run(ctx: "TrainContext", model: "nn.Module") -> dict[str, Any]:
     entry = fit_ood(_predictor(ctx, model), ctx.loaders.train.dataset.samples, ctx.loaders.val.dataset.samples,
                     list(ctx.stage.labels), ctx.run_dir, method=cfg.ood_method, k=cfg.ood_k, keep=float(cfg.ood_keep),
                     tune_on=cfg.ood_tune, per_class=cfg.ood_per_class, seed=cfg.seed, batch_size=cfg.batch_size,
-                    workers=cfg.workers, outlier_sources=outlier_sources(ctx.data))
+                    workers=cfg.workers, outlier_sources=outlier_sources(ctx.data),
+                    fit_aperture=cfg.ood_fit_aperture, aperture_radius=cfg.augment.aperture_radius)
     return {"ood": entry}
 
 
@@ -74,14 +75,23 @@ def outlier_sources(data: Path) -> set[str]:
 
 def fit_ood(predictor: Predictor, train: Sequence["Sample"], val: Sequence["Sample"], labels: list[str],
             run_dir: Path, *, method: str, k: int, keep: float, tune_on: str = "shifted", per_class: bool = True,
-            seed: int = 0, batch_size: int = 64, workers: Any = "auto",
-            outlier_sources: set[str] = frozenset()) -> dict[str, Any]:
-    """Fit every scorer on ``train``'s features, tune its threshold to keep ``keep`` of ``val`` (left out:
-    images from outlier-exposure sources, which are out of distribution by design; ``shifted``: val seen
-    through :data:`SHIFT_VIEWS`; ``per_class``: ``keep`` of each predicted class, through class offsets),
-    write ``ood.safetensors`` into ``run_dir``; return the metadata entry."""
-    train_f, _, train_y = extract(predictor, _plain_batches(train, labels, predictor.preset, batch_size, workers, seed))
+            seed: int = 0, batch_size: int = 64, workers: Any = "auto", outlier_sources: set[str] = frozenset(),
+            fit_aperture: float = 0.0, aperture_radius: tuple[float, float] = (0.8, 1.3)) -> dict[str, Any]:
+    """Fit every scorer on ``train``'s features (plus ``fit_aperture`` of them seen through a round field
+    of view), tune its threshold to keep ``keep`` of ``val`` (left out: images from outlier-exposure
+    sources, which are out of distribution by design; ``shifted``: val seen through :data:`SHIFT_VIEWS`;
+    ``per_class``: ``keep`` of each predicted class, through class offsets), write ``ood.safetensors``
+    into ``run_dir``; return the metadata entry."""
+    train = _fit_subsample(train, labels, seed)
+    train_f, _, train_y = extract(predictor, _plain_batches(train, labels, predictor.preset, batch_size, workers))
+    if fit_aperture > 0:
+        aperture = {"aperture": 1.0, "aperture_radius": tuple(aperture_radius)}
+        rows = np.random.default_rng(seed).permutation(len(train))[: round(fit_aperture * len(train))]
+        views = _view_batches([train[i] for i in sorted(rows)], labels, predictor.preset, batch_size, seed, aperture)
+        view_f, _, view_y = extract(predictor, views)
+        train_f, train_y = np.concatenate([train_f, view_f]), np.concatenate([train_y, view_y])
     scorer, fit = fit_scorer(train_f, train_y, method, k, seed=seed)
+    fit |= {"aperture_share": fit_aperture, "aperture_radius": list(aperture_radius)} if fit_aperture > 0 else {}
     tune_set = [s for s in val if s.source not in outlier_sources] or list(val)
     plain = _raw_scores(scorer, predictor, _plain_batches(tune_set, labels, predictor.preset, batch_size, workers))
     tuned_on = _raw_scores(scorer, predictor, _shifted_batches(tune_set, labels, predictor.preset, batch_size,
@@ -141,21 +151,28 @@ def _predictor(ctx: "TrainContext", model: "nn.Module") -> Predictor:
     return Predictor.from_torch(model, ctx.stage.labels, ctx.preset, device=ctx.device, precision=ctx.precision)
 
 
-def _plain_batches(samples: Sequence["Sample"], labels: list[str], preset: Any, batch_size: int, workers: Any,
-                   seed: int | None = None) -> Any:
-    """``samples`` in order, without augmentation or class weighting (with ``seed``: a class-stratified
-    subsample of at most MAX_FIT_IMAGES)."""
+def _fit_subsample(samples: Sequence["Sample"], labels: list[str], seed: int) -> list["Sample"]:
+    """A class-stratified subsample of at most MAX_FIT_IMAGES of ``samples`` (all of them when fewer)."""
+    samples = list(samples)
+    keep = stratified_subsample(np.asarray([labels.index(s.label) for s in samples]), MAX_FIT_IMAGES, seed)
+    return [samples[i] for i in keep]
+
+
+def _plain_batches(samples: Sequence["Sample"], labels: list[str], preset: Any, batch_size: int, workers: Any) -> Any:
+    """``samples`` in order, without augmentation or class weighting."""
     from hierarchy.train.loader import ImageDataset, batch_loader
 
-    samples = list(samples)
-    if seed is not None:
-        keep = stratified_subsample(np.asarray([labels.index(s.label) for s in samples]), MAX_FIT_IMAGES, seed)
-        samples = [samples[i] for i in keep]
-    return batch_loader(ImageDataset(samples, labels, preset, train=False, hflip=False), batch_size, None, workers)
+    return batch_loader(ImageDataset(list(samples), labels, preset, train=False, hflip=False), batch_size, None, workers)
 
 
 def _shifted_batches(samples: Sequence["Sample"], labels: list[str], preset: Any, batch_size: int, seed: int) -> Any:
-    """``samples`` through :data:`SHIFT_VIEWS`, in one thread from a seeded RNG (reproducible)."""
+    """``samples`` through :data:`SHIFT_VIEWS`."""
+    return _view_batches(samples, labels, preset, batch_size, seed, SHIFT_VIEWS)
+
+
+def _view_batches(samples: Sequence["Sample"], labels: list[str], preset: Any, batch_size: int, seed: int,
+                  augment: dict[str, Any]) -> Any:
+    """``samples`` through ``augment`` (AugmentConfig fields), in one thread from a seeded RNG (reproducible)."""
     import torch
 
     from hierarchy.config.train import AugmentConfig
@@ -164,7 +181,7 @@ def _shifted_batches(samples: Sequence["Sample"], labels: list[str], preset: Any
 
     torch.manual_seed(seed)
     ds = ImageDataset(list(samples), labels, preset, train=True, hflip=False,
-                      recipe=Augment(False, AugmentConfig(**SHIFT_VIEWS)))
+                      recipe=Augment(False, AugmentConfig(**augment)))
     return batch_loader(ds, batch_size, None, 0)
 
 
