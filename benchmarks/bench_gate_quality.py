@@ -154,18 +154,17 @@ def train(dataset: Path, out: Path, name: str, recipe: dict[str, Any], args: arg
 
 def with_aperture(sources: list[Path], folder: Path, radius: float = APERTURE_RADIUS) -> list[Path]:
     """Copies of ``sources`` inside a centred circle (``radius`` x half the short side, soft edge), black outside."""
+    import torchvision.transforms.v2.functional as F
     from PIL import Image
+
+    from hierarchy.train.augment import round_field
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for src in sources:
-        img = np.asarray(Image.open(src).convert("RGB"), np.float32)
-        h, w = img.shape[:2]
-        yy, xx = np.mgrid[:h, :w]
-        dist = np.hypot(xx + 0.5 - w / 2, yy + 0.5 - h / 2) / (min(h, w) / 2)
-        inside = np.clip((radius - dist) / 0.03, 0, 1)[..., None]
         paths.append(folder / f"{src.stem}.jpg")
-        Image.fromarray((img * inside).round().astype(np.uint8)).save(paths[-1], quality=92)
+        img = F.pil_to_tensor(Image.open(src).convert("RGB"))
+        F.to_pil_image(round_field(img, radius, 0.03)).save(paths[-1], quality=92)
     return paths
 
 

@@ -23,6 +23,18 @@ def _uniform(lo: float, hi: float) -> float:
     return lo + (hi - lo) * float(torch.rand(()))
 
 
+def round_field(x: torch.Tensor, radius: float, edge: float, dark: float = 0.0,
+                centre: tuple[float, float] = (0.0, 0.0)) -> torch.Tensor:
+    """uint8 (3, H, W) inside a circle of ``radius`` x half the short side (centre offset ``centre`` =
+    (dy, dx) in the same unit, soft edge ``edge`` wide), ``dark`` outside it."""
+    h, w = x.shape[-2:]
+    half = min(h, w) / 2
+    yy = (torch.arange(h, dtype=torch.float32) + 0.5 - h / 2) / half - centre[0]
+    xx = (torch.arange(w, dtype=torch.float32) + 0.5 - w / 2) / half - centre[1]
+    inside = ((radius - torch.hypot(yy[:, None], xx[None, :])) / edge).clamp(0, 1)
+    return (x.float() * inside + dark * (1 - inside)).round().to(torch.uint8)
+
+
 class Augment:
     """Callable uint8 (3, S, S) -> uint8 (3, S, S): geometry first (crop, flips, rotations), then
     the optics (a round field of view), colour, then the camera-like degradations (downscale, JPEG)."""
@@ -70,14 +82,9 @@ class Augment:
         c = self.cfg
         if c.aperture <= 0 or torch.rand(()) >= c.aperture:
             return x
-        h, w = x.shape[-2:]
         radius, edge, dark = _uniform(*c.aperture_radius), _uniform(0.01, 0.08), _uniform(0, 24)
-        cy, cx = _uniform(-0.05, 0.05), _uniform(-0.05, 0.05)
-        half = min(h, w) / 2
-        yy = (torch.arange(h, dtype=torch.float32) + 0.5 - h / 2) / half - cy
-        xx = (torch.arange(w, dtype=torch.float32) + 0.5 - w / 2) / half - cx
-        inside = ((radius - torch.hypot(yy[:, None], xx[None, :])) / edge).clamp(0, 1)
-        return (x.float() * inside + dark * (1 - inside)).round().to(torch.uint8)
+        centre = (_uniform(-0.05, 0.05), _uniform(-0.05, 0.05))
+        return round_field(x, radius, edge, dark, centre)
 
     def _colour(self, x: torch.Tensor) -> torch.Tensor:
         c = self.cfg

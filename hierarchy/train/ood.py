@@ -94,8 +94,8 @@ def fit_ood(predictor: Predictor, train: Sequence["Sample"], val: Sequence["Samp
     fit |= {"aperture_share": fit_aperture, "aperture_radius": list(aperture_radius)} if fit_aperture > 0 else {}
     tune_set = [s for s in val if s.source not in outlier_sources] or list(val)
     plain = _raw_scores(scorer, predictor, _plain_batches(tune_set, labels, predictor.preset, batch_size, workers))
-    tuned_on = _raw_scores(scorer, predictor, _shifted_batches(tune_set, labels, predictor.preset, batch_size,
-                                                               seed)) if tune_on == "shifted" else plain
+    tuned_on = _raw_scores(scorer, predictor, _view_batches(tune_set, labels, predictor.preset, batch_size, seed,
+                                                            SHIFT_VIEWS)) if tune_on == "shifted" else plain
     textures = _raw_scores(scorer, predictor, _texture_batches(predictor.preset, batch_size))
     predicted = tuned_on[1].argmax(axis=1)
     if per_class:
@@ -163,11 +163,6 @@ def _plain_batches(samples: Sequence["Sample"], labels: list[str], preset: Any, 
     from hierarchy.train.loader import ImageDataset, batch_loader
 
     return batch_loader(ImageDataset(list(samples), labels, preset, train=False, hflip=False), batch_size, None, workers)
-
-
-def _shifted_batches(samples: Sequence["Sample"], labels: list[str], preset: Any, batch_size: int, seed: int) -> Any:
-    """``samples`` through :data:`SHIFT_VIEWS`."""
-    return _view_batches(samples, labels, preset, batch_size, seed, SHIFT_VIEWS)
 
 
 def _view_batches(samples: Sequence["Sample"], labels: list[str], preset: Any, batch_size: int, seed: int,
