@@ -13,7 +13,11 @@ only check. Methods (higher = more out of distribution):
 * ``knn-class``: kNN distance to the train rows of the *predicted* class only;
 * ``vim``: Virtual-logit Matching (Wang et al. 2022), residual outside the train features' principal
   space, matched to the logits' scale;
-* ``knn-frozen``: kNN on the ImageNet backbone's own pooled features (no fine-tuning; a second model).
+* ``knn-frozen``: kNN on the ImageNet backbone's own pooled features (no fine-tuning; a second model);
+* ``mahalanobis-blockN`` (``--layers``, timm backbones): Mahalanobis on the channel means and standard
+  deviations of the fine-tuned model's N-th intermediate feature map (the layer-wise scores of Lee et
+  al. 2018; low blocks see colour and texture, not the classes), and ``mahalanobis+blockN``: rejected
+  when either ``mahalanobis`` or block N's score is (ranks on the tuning set, one threshold).
 
 Printed: AUROC of dermoscopy (in) against each non-skin group, the share of dermoscopy kept at each
 tuned threshold, and end to end (label skin and not rejected = passed) per group.
@@ -120,6 +124,53 @@ def frozen_backbone(run: Path) -> Callable[[np.ndarray], tuple[np.ndarray, np.nd
     return predict
 
 
+def intermediate(run: Path) -> tuple[Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], list[slice]]:
+    """The fine-tuned model's intermediate feature maps, each pooled to (channel means, channel stds) and
+    concatenated, with its logits; and the column slice of each block."""
+    import torch
+
+    from hierarchy.data.preset import Preset
+    from hierarchy.models.backbones import model_from_arch
+    from hierarchy.models.checkpoint import load_weights
+    from hierarchy.models.metadata import read_metadata
+
+    meta = read_metadata(run / "metadata.json")
+    model = model_from_arch(meta.arch)
+    model.load_state_dict(load_weights(run / "best.safetensors"))
+    model.eval()
+    if not hasattr(model, "forward_intermediates"):
+        raise SystemExit(f"--layers needs a timm backbone with forward_intermediates; {meta.arch['backbone']} has none")
+    preset = Preset.from_dict(meta.preset)
+    mean = torch.tensor(preset.mean).view(1, 3, 1, 1) * 255
+    std = torch.tensor(preset.std).view(1, 3, 1, 1) * 255
+    with torch.inference_mode():
+        widths = [2 * t.shape[1] for t in model.forward_intermediates(torch.zeros(1, 3, preset.size, preset.size),
+                                                                      intermediates_only=True)]
+    bounds = np.cumsum([0] + widths)
+
+    def predict(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        with torch.inference_mode():
+            x = (torch.from_numpy(x).float() - mean) / std
+            final, maps = model.forward_intermediates(x)
+            logits = model.forward_head(final)
+            pooled = torch.cat([torch.cat([t.mean((2, 3)), t.std((2, 3))], 1) for t in maps], 1)
+        return pooled.numpy(), logits.numpy()
+
+    return predict, [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def block_scorers(train_f: np.ndarray, train_y: np.ndarray, blocks: list[slice]) -> dict[str, Callable]:
+    """``mahalanobis-blockN``: the fine-tuned Mahalanobis score on block N's pooled columns only."""
+    from hierarchy.ood.fit import fit_mahalanobis
+    from hierarchy.ood.scores import l2_normalize, mahalanobis_score
+
+    def one(cols: slice) -> Callable:
+        means, precision, _ = fit_mahalanobis(l2_normalize(train_f[:, cols]), train_y)
+        return lambda f, z: mahalanobis_score(l2_normalize(f[:, cols]), means, precision)
+
+    return {f"mahalanobis-block{i}": one(cols) for i, cols in enumerate(blocks)}
+
+
 def auroc(score_in: np.ndarray, score_out: np.ndarray) -> float:
     from hierarchy.metrics.thresholds import ood_auroc
 
@@ -152,7 +203,10 @@ def study(args: argparse.Namespace) -> dict[str, Any]:
     photometric = {k: v for k, v in gq.ROBUST_AUGMENT.items() if k in ("color_jitter", "hue", "jpeg_quality", "downscale", "p")}
     aug = Augment(True, AugmentConfig(**photometric))
     models = {"fine-tuned": predict, "frozen": frozen_backbone(run)}
-    result: dict[str, Any] = {}
+    blocks: list[slice] = []
+    if args.layers:
+        models["blocks"], blocks = intermediate(run)
+    scores: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
     for model_name, fn in models.items():
         tr_f, tr_z = features(fn, [str(s.path) for s in train], pred.preset)
         tr_y = np.array([labels.index(s.label) for s in train])
@@ -160,28 +214,50 @@ def study(args: argparse.Namespace) -> dict[str, Any]:
         torch.manual_seed(0)
         va_aug = features(fn, [str(s.path) for s in val], pred.preset, augment=aug)
         ev = features(fn, [str(dev / r["path"]) for r in rows], pred.preset)
-        methods = scorers(tr_f, tr_z, tr_y, pred.temperature)
+        if model_name == "blocks":
+            methods = block_scorers(tr_f, tr_y, blocks)
+        else:
+            methods = scorers(tr_f, tr_z, tr_y, pred.temperature)
         if model_name == "frozen":
             methods = {"knn-frozen": methods["knn"]}
         for name, score in methods.items():
-            result[name] = summarise(score, va, va_aug, ev, groups, pred)
-    return result
+            scores[name] = {"val": (score(*va), score(*ev)), "aug": (score(*va_aug), score(*ev))}
+        if model_name == "fine-tuned":  # every score is checked on top of the gate's own label
+            said_skin = ev[1].argmax(axis=1) == labels.index("skin")
+    for name in [m for m in scores if m.startswith("mahalanobis-block")]:
+        scores[f"mahalanobis+{name.split('-')[1]}"] = union(scores["mahalanobis"], scores[name])
+    return {name: summarise(tuned, said_skin, groups) for name, tuned in scores.items()}
+
+
+def union(a: dict[str, tuple], b: dict[str, tuple]) -> dict[str, tuple]:
+    """Reject when either score does: each score mapped to its rank in the tuning set (0-1, and past 1 beyond
+    the set's largest score, so nothing beyond every tuning image ties with it), the larger of the two;
+    one threshold then keeps the stated share of the tuning set under both."""
+    def cdf(ref: np.ndarray, x: np.ndarray) -> np.ndarray:
+        r = np.sort(ref)
+        beyond = 1.0 + (x - r[-1]) / max(float(r[-1] - r[0]), 1e-12)
+        return np.where(x > r[-1], beyond, np.interp(x, r, np.linspace(0.0, 1.0, len(r))))
+
+    out = {}
+    for split in a:
+        (ta, ea), (tb, eb) = a[split], b[split]
+        out[split] = (np.maximum(cdf(ta, ta), cdf(tb, tb)), np.maximum(cdf(ta, ea), cdf(tb, eb)))
+    return out
 
 
 TUNINGS = (("val", 0.99), ("val", 0.995), ("val", 0.999), ("aug", 0.99), ("aug", 0.995))
 
 
-def summarise(score: Callable, va: tuple, va_aug: tuple, ev: tuple, groups: np.ndarray, pred: Any) -> dict[str, Any]:
-    """AUROC per group, and per tuning (val or aug views, keep share) the share kept or stopped end to end."""
-    s_val, s_aug, s_ev = score(*va), score(*va_aug), score(*ev)
-    _, logits = ev
-    skin = pred.labels.index("skin")
-    said_skin = logits.argmax(axis=1) == skin
+def summarise(tuned: dict[str, tuple[np.ndarray, np.ndarray]], said_skin: np.ndarray,
+              groups: np.ndarray) -> dict[str, Any]:
+    """AUROC per group, and per tuning (val or aug views: (tuning scores, dev_eval scores)) and keep share,
+    the share passed (dermoscopy) or stopped (the rest) end to end."""
+    s_ev = tuned["val"][1]
     derm = s_ev[groups == "dermoscopy"]
     out: dict[str, Any] = {"auroc": {g: auroc(derm, s_ev[groups == g]) for g in np.unique(groups) if g != "dermoscopy"}}
     for split, keep in TUNINGS:
-        t = float(np.quantile(s_val if split == "val" else s_aug, keep))
-        passed = said_skin & (s_ev <= t)
+        ref, ev = tuned[split]
+        passed = said_skin & (ev <= float(np.quantile(ref, keep)))
         out[f"{split}@{keep}"] = {g: float(passed[groups == g].mean() if g == "dermoscopy" else (~passed[groups == g]).mean())
                        for g in np.unique(groups)}
     return out
@@ -210,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--val-images", type=int, default=1000, help="val skin images thresholds are tuned on")
     p.add_argument("--eval-per-group", type=int, default=None)
     p.add_argument("--out", default="/tmp/hierarchy-gate-ood")
+    p.add_argument("--layers", action="store_true", help="also score each intermediate block (timm backbones)")
     args = p.parse_args(argv)
     from hierarchy.core.machine import header
 
