@@ -101,24 +101,19 @@ def frozen_backbone(run: Path) -> Callable[[np.ndarray], tuple[np.ndarray, np.nd
     """The run's backbone with its ImageNet weights and no fine-tuning: (pooled features, zeros)."""
     import torch
 
-    from hierarchy.models.backbones import create_model
+    from hierarchy.data.preset import Preset
+    from hierarchy.models.backbones import create_model, features_and_logits
     from hierarchy.models.metadata import read_metadata
 
     meta = read_metadata(run / "metadata.json")
     weights = meta.model_dump(mode="json").get("weights") or {}
     model = create_model(f"{meta.arch['library']}/{meta.arch['backbone']}".replace("timm/tf_", "timm/"),
                          len(meta.labels), pretrained=str(weights.get("tag") or "imagenet"))[0].eval()
-    from hierarchy.data.preset import Preset
-
     preset = Preset.from_dict(meta.preset)
-    mean = torch.tensor(preset.mean).view(1, 3, 1, 1) * 255
-    std = torch.tensor(preset.std).view(1, 3, 1, 1) * 255
 
     def predict(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        from hierarchy.models.backbones import features_and_logits
-
         with torch.inference_mode():
-            f, z = features_and_logits(model, (torch.from_numpy(x).float() - mean) / std)
+            f, z = features_and_logits(model, preset.normalize(torch.from_numpy(x)))
         return f.numpy(), z.numpy()
 
     return predict
@@ -130,30 +125,23 @@ def intermediate(run: Path) -> tuple[Callable[[np.ndarray], tuple[np.ndarray, np
     import torch
 
     from hierarchy.data.preset import Preset
-    from hierarchy.models.backbones import model_from_arch
-    from hierarchy.models.checkpoint import load_weights
+    from hierarchy.engine.backends.torch_backend import build_model
     from hierarchy.models.metadata import read_metadata
 
     meta = read_metadata(run / "metadata.json")
-    model = model_from_arch(meta.arch)
-    model.load_state_dict(load_weights(run / "best.safetensors"))
-    model.eval()
+    model = build_model(meta, run / "best.safetensors").eval()
     if not hasattr(model, "forward_intermediates"):
         raise SystemExit(f"--layers needs a timm backbone with forward_intermediates; {meta.arch['backbone']} has none")
     preset = Preset.from_dict(meta.preset)
-    mean = torch.tensor(preset.mean).view(1, 3, 1, 1) * 255
-    std = torch.tensor(preset.std).view(1, 3, 1, 1) * 255
-    with torch.inference_mode():
-        widths = [2 * t.shape[1] for t in model.forward_intermediates(torch.zeros(1, 3, preset.size, preset.size),
-                                                                      intermediates_only=True)]
-    bounds = np.cumsum([0] + widths)
+    with torch.inference_mode():  # timm's feature_info is a list on some models, an object on others
+        probe = model.forward_intermediates(torch.zeros(1, 3, preset.size, preset.size), intermediates_only=True)
+    bounds = np.cumsum([0] + [2 * t.shape[1] for t in probe])
 
     def predict(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         with torch.inference_mode():
-            x = (torch.from_numpy(x).float() - mean) / std
-            final, maps = model.forward_intermediates(x)
-            logits = model.forward_head(final)
+            final, maps = model.forward_intermediates(preset.normalize(torch.from_numpy(x)))
             pooled = torch.cat([torch.cat([t.mean((2, 3)), t.std((2, 3))], 1) for t in maps], 1)
+            logits = model.forward_head(final)
         return pooled.numpy(), logits.numpy()
 
     return predict, [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
@@ -214,10 +202,8 @@ def study(args: argparse.Namespace) -> dict[str, Any]:
         torch.manual_seed(0)
         va_aug = features(fn, [str(s.path) for s in val], pred.preset, augment=aug)
         ev = features(fn, [str(dev / r["path"]) for r in rows], pred.preset)
-        if model_name == "blocks":
-            methods = block_scorers(tr_f, tr_y, blocks)
-        else:
-            methods = scorers(tr_f, tr_z, tr_y, pred.temperature)
+        methods = block_scorers(tr_f, tr_y, blocks) if model_name == "blocks" else scorers(tr_f, tr_z, tr_y,
+                                                                                           pred.temperature)
         if model_name == "frozen":
             methods = {"knn-frozen": methods["knn"]}
         for name, score in methods.items():

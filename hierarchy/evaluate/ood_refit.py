@@ -10,8 +10,8 @@ from hierarchy.core.errors import HierarchyError
 
 def refit_ood(run_dir: Path, data: Path, *, method: str | None = None, keep: float | None = None,
               tune_on: str | None = None, per_class: bool | None = None, fit_aperture: float | None = None,
-              device: str = "auto",
-              precision: str = "auto", engine: str = "auto", batch_size: int = 64) -> dict[str, Any]:
+              device: str = "auto", precision: str = "auto", engine: str = "auto",
+              batch_size: int = 64) -> dict[str, Any]:
     """Refit and store the run's ``ood`` entry; unset settings keep the run's (else the training defaults)."""
     from hierarchy.config.train import TrainConfig
     from hierarchy.engine.predictor import Predictor
