@@ -39,6 +39,7 @@ def test_train_writes_a_first_card(demo):
     assert meta["card"]["training_data"]["manifest_sha256"] == meta["dataset"]["manifest_sha256"]
     assert set(meta["card"]["training_data"]["counts"]["train"]) == {"skin", "non-skin"}
     assert "| skin |" in md
+    assert md.splitlines().count("## Evaluations") == 1  # once, among the run's sections (it was written twice)
 
 
 def test_calibrate_target_recall_meets_it_and_decide_auto_uses_it(demo, tmp_path, capsys):
@@ -70,6 +71,8 @@ def test_card_for_the_demo_pipeline_with_an_evaluation(demo, tmp_path, capsys):
                  "--intended-use", "Illustration only."]) == 0
     md = (out / "MODEL_CARD.md").read_text()
     assert "Illustration only." in md and "Subgroups by `sex`" in md and "## Stage `gate`" in md
+    heads = md.splitlines()
+    assert heads.count("## Evaluations") == 1 and heads.count("### Evaluations") == 1  # the pipeline's, the stage's
     card = json.loads((out / "MODEL_CARD.json").read_text())
     assert card["evaluations"][0]["subgroups"]["sex"]["groups"]
 

@@ -21,7 +21,7 @@ def render_card(card: dict[str, Any]) -> str:
     if card.get("description"):
         lines[2:2] = [card["description"], ""]
     if card["kind"] == "run":
-        lines += _run_sections(card, "##")
+        lines += _run_sections(card, "##")  # its evaluations among them
     else:
         lines += ["## Cascade", "", f"Root `{card['root']}`; order: {' -> '.join(card['order'])}.", ""]
         for sid, st in card["stages"].items():
@@ -29,7 +29,7 @@ def render_card(card: dict[str, Any]) -> str:
                       f"threshold {st.get('threshold')}, decide {st.get('decide') or '-'}, ood {st.get('ood')}, "
                       f"routes {st.get('routes')}", ""]
             lines += _run_sections(st["card"], "###") if st.get("card") else [f"(no card: {st.get('error', 'no weights')})", ""]
-    lines += _evaluations(card.get("evaluations") or [], "##")
+        lines += _evaluations(card.get("evaluations") or [], "##")
     lines += ["## Limitations", ""] + [f"- {x}" for x in card["limitations"]] + [""]
     lines += ["## Hashes", ""] + [f"- {k}: `{v}`" for k, v in card["hashes"].items()] + [""]
     return "\n".join(lines)
