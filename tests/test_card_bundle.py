@@ -40,6 +40,14 @@ def test_train_writes_a_first_card(demo):
     assert set(meta["card"]["training_data"]["counts"]["train"]) == {"skin", "non-skin"}
     assert "| skin |" in md
     assert md.splitlines().count("## Evaluations") == 1  # once, among the run's sections (it was written twice)
+    assert "- optimizer adam, schedule constant" in md and "- augment:" not in md  # the demo's recipe: no extras
+    assert "tuned to keep 99.0% of val" in md
+    from hierarchy.engine.card_md import render_card
+
+    card = meta["card"]
+    card["recipe"]["train"] |= {"ema": 0.998, "augment": {"crop_scale": [0.35, 1.0], "rot90": True, "hue": 0.0, "p": 1.0}}
+    md = render_card(card)
+    assert "schedule constant, ema 0.998" in md and "- augment: crop scale [0.35, 1.0], rot90 True\n" in md
 
 
 def test_calibrate_target_recall_meets_it_and_decide_auto_uses_it(demo, tmp_path, capsys):

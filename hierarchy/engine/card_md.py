@@ -48,7 +48,7 @@ def _run_sections(card: dict[str, Any], h: str) -> list[str]:
     lines += [f"{h} Recipe", "", f"- {rec['arch'].get('backbone')} ({rec['arch'].get('library')}), "
               f"{rec['arch'].get('num_classes')} classes, input {rec['preset'].get('size')} px",
               f"- epochs {train.get('epochs')}, batch {train.get('batch_size')}, lr {train.get('lr')}, "
-              f"pretrained {train.get('pretrained')}, seed {train.get('seed')}", "",
+              f"pretrained {train.get('pretrained')}, seed {train.get('seed')}", *_regularisation(train), "",
               f"{h} Validation", "", f"- best: {', '.join(f'{k} {_f(v)}' for k, v in (val['best'] or {}).items()) or '-'}",
               f"- temperature {_f(val['temperature'])}; threshold "
               f"{_f((val['threshold'] or {}).get('threshold'))} for {(val['threshold'] or {}).get('target')}"]
@@ -57,12 +57,24 @@ def _run_sections(card: dict[str, Any], h: str) -> list[str]:
                      f"met {val['decide'].get('met')})")
     ood = card.get("ood") or {}
     lines += ["", f"{h} Out-of-distribution behaviour", "",
-              (f"- {ood.get('method', 'score')} reject above {_f(ood.get('threshold'))} (fitted on the train split)"
+              (f"- {ood.get('method', 'score')} reject above {_f(ood.get('threshold'))} (fitted on the train split"
+               f"{', tuned to keep ' + format(ood['keep'], '.1%') + ' of val' if ood.get('keep') else ''})"
                if ood else "- no OOD scorer fitted: unlike images are not rejected"), ""]
     lines += _evaluations(card.get("evaluations") or [], h)
     lines += [f"{h} Versions", "", ", ".join(f"{k} {v}" for k, v in (card.get("versions") or {}).items()) or "-", "",
               f"weights sha256 `{card['hashes']['weights_sha256']}`", ""]
     return lines
+
+
+def _regularisation(train: dict[str, Any]) -> list[str]:
+    """The recipe beyond epochs and learning rate: optimiser, schedule, smoothing, EMA and the augmentations
+    that are on (a part left at its off value is not listed)."""
+    parts = [f"{k.replace('_', ' ')} {train[k]}" for k in ("optimizer", "weight_decay", "schedule", "warmup_epochs",
+                                                           "label_smoothing", "ema") if train.get(k)]
+    aug = {k.replace('_', ' '): v for k, v in (train.get("augment") or {}).items() if v not in (None, False, 0, 0.0)
+           and k not in ("p", "crop_ratio", "aperture_radius")}
+    return ([f"- {', '.join(parts)}"] if parts else []) + (
+        [f"- augment: {', '.join(f'{k} {v}' for k, v in aug.items())}"] if aug else [])
 
 
 def _evaluations(evals: list[dict[str, Any]], h: str) -> list[str]:
