@@ -41,12 +41,20 @@ def test_train_writes_a_first_card(demo):
     assert "| skin |" in md
     assert md.splitlines().count("## Evaluations") == 1  # once, among the run's sections (it was written twice)
     assert "- optimizer adam, schedule constant" in md and "- augment:" not in md  # the demo's recipe: no extras
-    assert "tuned to keep 99.0% of val" in md
+    ood = meta["ood"]
+    assert f"reject above {ood['threshold']:.3f} (fitted on the train split, tuned" in md
+    assert f"it keeps {ood['tune']['kept']:.1%} of those" in md
     from hierarchy.engine.card_md import render_card
 
     card = meta["card"]
     card["recipe"]["train"] |= {"ema": 0.998, "augment": {"crop_scale": [0.35, 1.0], "rot90": True, "hue": 0.0, "p": 1.0}}
+    card["ood"] |= {"keep": 0.99, "tune": {"views": "shifted", "kept": 0.984, "kept_plain_val": 0.992, "per_class": True}}
     md = render_card(card)
+    assert ("tuned per predicted class to keep 99.0% of shifted views of val); "
+            "it keeps 98.4% of those and 99.2% of val as it is") in md
+    card["ood"]["tune"] |= {"views": "val", "per_class": False}
+    md = render_card(card)
+    assert "tuned to keep 99.0% of val); it keeps 98.4% of those\n" in md
     assert "schedule constant, ema 0.998" in md and "- augment: crop scale [0.35, 1.0], rot90 True\n" in md
 
 

@@ -94,9 +94,17 @@ def run_card(run_dir: Path, *, reports: Sequence[Path] = (), edits: dict[str, An
         "validation": {"best": meta.best, "temperature": meta.temperature, "calibration": extra.get("calibration"),
                        "threshold": meta.threshold, "decide": extra.get("decide")},
         "evaluations": _reports(found),
-        "ood": meta.ood and {k: v for k, v in meta.ood.items() if isinstance(v, (int, float, str, bool))},
+        "ood": meta.ood and {**{k: v for k, v in meta.ood.items() if isinstance(v, (int, float, str, bool))},
+                             "tune": _ood_tune(meta.ood)},
         "versions": meta.versions, "hashes": {"weights_sha256": sha256_file(weights)},
     }
+
+
+def _ood_tune(ood: dict[str, Any]) -> dict[str, Any]:
+    """How the OOD threshold was tuned and what it kept, for the card (the per-class offsets stay in metadata)."""
+    tune = ood.get("tune") or {}
+    return {"views": tune.get("views"), "kept": tune.get("kept"), "kept_plain_val": tune.get("kept_plain_val"),
+            "per_class": bool(ood.get("per_class"))}
 
 
 def pipeline_card(pipe: Any, source: Path, *, reports: Sequence[Path] = (),

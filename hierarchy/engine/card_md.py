@@ -57,13 +57,21 @@ def _run_sections(card: dict[str, Any], h: str) -> list[str]:
                      f"met {val['decide'].get('met')})")
     ood = card.get("ood") or {}
     lines += ["", f"{h} Out-of-distribution behaviour", "",
-              (f"- {ood.get('method', 'score')} reject above {_f(ood.get('threshold'))} (fitted on the train split"
-               f"{', tuned to keep ' + format(ood['keep'], '.1%') + ' of val' if ood.get('keep') else ''})"
-               if ood else "- no OOD scorer fitted: unlike images are not rejected"), ""]
+              _ood_line(ood) if ood else "- no OOD scorer fitted: unlike images are not rejected", ""]
     lines += _evaluations(card.get("evaluations") or [], h)
     lines += [f"{h} Versions", "", ", ".join(f"{k} {v}" for k, v in (card.get("versions") or {}).items()) or "-", "",
               f"weights sha256 `{card['hashes']['weights_sha256']}`", ""]
     return lines
+
+
+def _ood_line(ood: dict[str, Any]) -> str:
+    tune = ood.get("tune") or {}
+    how = (f", tuned{' per predicted class' if tune.get('per_class') else ''} to keep {ood['keep']:.1%} of "
+           f"{'shifted views of ' if tune.get('views') == 'shifted' else ''}val" if ood.get("keep") else "")
+    kept = [f"{tune[k]:.1%} of {what}" for k, what in (("kept", "those"), ("kept_plain_val", "val as it is"))
+            if isinstance(tune.get(k), float) and (k == "kept" or tune.get("views") == "shifted")]
+    return (f"- {ood.get('method', 'score')} reject above {_f(ood.get('threshold'))} (fitted on the train split{how})"
+            + (f"; it keeps {' and '.join(kept)}" if kept else ""))
 
 
 def _regularisation(train: dict[str, Any]) -> list[str]:
