@@ -164,12 +164,13 @@ def test_hierarchy_run_tells_the_tuner_how_few_inputs_it_has(fakes: Path, tmp_pa
     pipe = tmp_path / "pipe.yaml"
     pipe.write_text(f"name: p\nroot: gate\nstages:\n  gate: {{stage: skin_vs_nonskin, weights: {tmp_path / 'run'}, "
                     "routes: {default: stop}}\n")
+    monkeypatch.setattr(run_cmd, "COUNT_AHEAD", 8)  # counted up to 8: 8 images are a long run here
     images = []
-    for i in range(run_cmd.SHORT_RUN):
+    for i in range(run_cmd.COUNT_AHEAD):
         images.append(tmp_path / f"{i}.jpg")
         Image.new("RGB", (40, 30), (i, 100, 50)).save(images[-1])
     assert main(["tune", str(pipe)]) == 0
-    for inputs, engine in ((images[:1], "slow"), (images, "fast")):
+    for inputs, engine in ((images[:1], "slow"), (images[:4], "slow"), (images, "fast")):
         LOADS.clear()
         rc = main(["-q", "run", str(pipe), *map(str, inputs), "--format", "jsonl", "-o", str(tmp_path / "o.jsonl")])
         assert rc == 0 and [e for e, _ in LOADS] == [engine]

@@ -96,13 +96,16 @@ def _inputs(args: argparse.Namespace, done: set[str]) -> Iterator[Path]:
     return (p for p in paths if str(p) not in done) if done else paths
 
 
-SHORT_RUN = 64  # fewer inputs than this: the tuner weighs each engine's start-up against its throughput
+# Runs of fewer inputs are counted first, and the tuner weighs each engine's start-up against n / rate:
+# on 2 cores `import torch` (2-3 s) outweighs a 7% faster torch step up to ~8,000 images (docs/tuning.md).
+# Paths only (the router looks as far ahead for its decoder); beyond it a run keeps the fastest engine.
+COUNT_AHEAD = 4096
 
 
 def _look_ahead(paths: Iterator[Path]) -> tuple[Iterator[Path], int | None]:
-    """The inputs, and their number when it is below SHORT_RUN (None: a long run)."""
-    head = list(itertools.islice(paths, SHORT_RUN))
-    return itertools.chain(head, paths), len(head) if len(head) < SHORT_RUN else None
+    """The inputs, and their number when it is below COUNT_AHEAD (None: a long run)."""
+    head = list(itertools.islice(paths, COUNT_AHEAD))
+    return itertools.chain(head, paths), len(head) if len(head) < COUNT_AHEAD else None
 
 
 def _counted(records, counts):

@@ -8,8 +8,8 @@ int8 only where :func:`hierarchy.engine.quantize.int8_problem` passes for that e
 contiguous. Each is loaded and run on a random uint8 batch: one warm-up, then timed batches for about
 :data:`BUDGET_S`; one already far slower than the best so far is stopped early. The winner is swept
 over :data:`BATCH_SIZES`. Each candidate's start-up (load, plus the warm-up batch's extra time; an
-engine's first candidate also pays its runtime's import) is recorded too: a run that says it has only
-a few inputs (``hierarchy run`` with fewer than 64) gets the candidate that finishes it first,
+engine's first candidate also pays its runtime's import) is recorded too: a run that says how many
+inputs it has (``hierarchy run`` counts up to 4,096) gets the candidate that finishes it first,
 :meth:`TuneResult.for_inputs`. Explicit ``--engine`` and ``--precision`` together skip all of this;
 ``HIERARCHY_TUNE=off`` uses the conservative rule (:func:`hierarchy.engine.backends.choose_engine`,
 fp32 on CPUs without AMX). See docs/tuning.md.
