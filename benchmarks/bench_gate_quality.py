@@ -71,6 +71,8 @@ ABLATIONS = {"no-ema": _without(RECIPES[RECOMMENDED], "ema"),
              "no-crop": _without(RECIPES[RECOMMENDED], augment=("crop_scale",)),
              # no round field of view in training or in the OOD fit (the recommended recipe until 2026-12-03)
              "no-aperture": _without(RECIPES[RECOMMENDED], "ood_fit_aperture", augment=("aperture",)),
+             # a round field of view on a tenth of the training images instead of a quarter (OOD fit unchanged)
+             "aperture-0.1": {**RECIPES[RECOMMENDED], "augment": {**RECIPES[RECOMMENDED]["augment"], "aperture": 0.1}},
              # T fitted on plain val, floor 0.5 (the recipe before calibration views): same weights, other T
              "no-views": _without(RECIPES[RECOMMENDED], "calibration_views", "temperature_floor")}
 ABLATION_RECIPES = {f"{RECOMMENDED}-{name}": recipe for name, recipe in ABLATIONS.items()}
