@@ -65,13 +65,19 @@ def _run_sections(card: dict[str, Any], h: str) -> list[str]:
 
 
 def _ood_line(ood: dict[str, Any]) -> str:
+    """The reject rule, how its threshold was tuned, and what it kept of the tuning set (and of plain val,
+    when the tuning set was shifted views of it)."""
     tune = ood.get("tune") or {}
-    how = (f", tuned{' per predicted class' if tune.get('per_class') else ''} to keep {ood['keep']:.1%} of "
-           f"{'shifted views of ' if tune.get('views') == 'shifted' else ''}val" if ood.get("keep") else "")
-    kept = [f"{tune[k]:.1%} of {what}" for k, what in (("kept", "those"), ("kept_plain_val", "val as it is"))
-            if isinstance(tune.get(k), float) and (k == "kept" or tune.get("views") == "shifted")]
-    return (f"- {ood.get('method', 'score')} reject above {_f(ood.get('threshold'))} (fitted on the train split{how})"
-            + (f"; it keeps {' and '.join(kept)}" if kept else ""))
+    shifted = tune.get("views") == "shifted"
+    how = ""
+    if ood.get("keep"):
+        per_class = " per predicted class" if tune.get("per_class") else ""
+        how = f", tuned{per_class} to keep {ood['keep']:.1%} of {'shifted views of ' if shifted else ''}val"
+    kept = [f"{tune['kept']:.1%} of those"] if isinstance(tune.get("kept"), float) else []
+    if shifted and isinstance(tune.get("kept_plain_val"), float):
+        kept.append(f"{tune['kept_plain_val']:.1%} of val as it is")
+    line = f"- {ood.get('method', 'score')} reject above {_f(ood.get('threshold'))} (fitted on the train split{how})"
+    return line + (f"; it keeps {' and '.join(kept)}" if kept else "")
 
 
 def _regularisation(train: dict[str, Any]) -> list[str]:
